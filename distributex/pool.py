@@ -1,0 +1,243 @@
+"""The pool rules: queue, slots, leases, fencing tokens, re-entrancy.
+
+A Pool is a state machine over a PoolState. It knows nothing of HTTP, of
+storage or of the reactor: every operation takes the current time and
+returns a Step (the hold granted, if any, and the events that happened).
+The in-memory backend keeps one PoolState per pool for ever; the memcache
+backend loads one, applies an operation and stores it back with
+compare-and-swap. Both therefore obey exactly the same rules.
+
+The rules:
+
+- at most ``maxlocks`` distinct hosts hold the pool;
+- waiters are granted strictly in the order they queued, and a ``get``
+  never overtakes a waiter;
+- a hold ends ``expire`` seconds after its grant or its last renewal, and
+  every operation first ends the holds that are due;
+- a host that holds and asks again is renewed: same token, one slot;
+- every new grant takes a token larger than any the pool gave before.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, List, Optional
+
+from distributex.config import PoolSpec
+from distributex.token import next_token
+
+QUEUED = "queued"
+GRANTED = "granted"
+RENEWED = "renewed"
+RELEASED = "released"
+EXPIRED = "expired"
+LEFT = "left"
+
+
+@dataclass
+class Hold:
+    host: str
+    label: str
+    token: int
+    granted_at: float
+    expires_at: Optional[float]  # None: never expires
+    ticket: Optional[str] = None  # the /wait that this hold was granted to
+    server: Optional[str] = None  # the distributex server that granted it
+
+
+@dataclass
+class Ticket:
+    """A place in the queue: one open /wait."""
+
+    id: str
+    host: str
+    label: str
+    queued_at: float
+    server: Optional[str] = None  # the distributex server holding the connection
+
+
+@dataclass
+class PoolState:
+    holders: dict = field(default_factory=dict)  # host -> Hold
+    queue: OrderedDict = field(default_factory=OrderedDict)  # ticket id -> Ticket, FIFO
+    last_token: int = 0
+    # No grant before this time: set when a shared backend lost the pool's
+    # record, so that holders it forgot cannot be joined by new ones.
+    blocked_until: float = 0.0
+
+
+class Event:
+    """Something that happened to a pool, announced to observers."""
+
+    __slots__ = ("kind", "pool", "host", "label", "token", "ticket", "at")
+
+    def __init__(self, kind: str, pool: str, host: str, label: str,
+                 token: Optional[int], ticket: Optional[str], at: float) -> None:
+        self.kind = kind
+        self.pool = pool
+        self.host = host
+        self.label = label
+        self.token = token
+        self.ticket = ticket
+        self.at = at
+
+    def __repr__(self) -> str:
+        return (f"Event({self.kind}, pool={self.pool!r}, host={self.host!r}, "
+                f"token={self.token}, ticket={self.ticket})")
+
+
+class Step:
+    """What one operation did: the caller's hold (if it holds) and the events."""
+
+    __slots__ = ("hold", "events")
+
+    def __init__(self, hold: Optional[Hold] = None, events: Optional[List[Event]] = None) -> None:
+        self.hold = hold
+        self.events = events if events is not None else []
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.events)
+
+
+class Pool:
+    """The rules of one pool applied to one PoolState."""
+
+    __slots__ = ("spec", "state")
+
+    def __init__(self, spec: PoolSpec, state: Optional[PoolState] = None) -> None:
+        self.spec = spec
+        self.state = state if state is not None else PoolState()
+
+    # -- operations ----------------------------------------------------------
+
+    def get(self, host: str, label: str, now: float, server: Optional[str] = None) -> Step:
+        """Try once: grant if a slot is free and nobody waits; renew a holder."""
+        step = self._begin(now)
+        hold = self.state.holders.get(host)
+        if hold is not None:
+            self._renew(hold, label, now, None, step.events)
+            step.hold = hold
+        elif not self.state.queue and self._has_free_slot(now):
+            step.hold = self._grant(host, label, now, None, server, step.events)
+        return step
+
+    def wait(self, ticket: Ticket, now: float) -> Step:
+        """Join the queue; granted at once when nobody is ahead and a slot is free."""
+        step = self._begin(now)
+        hold = self.state.holders.get(ticket.host)
+        if hold is not None:
+            self._renew(hold, ticket.label, now, ticket.id, step.events)
+            step.hold = hold
+        elif not self.state.queue and self._has_free_slot(now):
+            step.hold = self._grant(ticket.host, ticket.label, now, ticket.id, ticket.server, step.events)
+        else:
+            self.state.queue[ticket.id] = ticket
+            step.events.append(self._event(QUEUED, ticket.host, ticket.label, None, ticket.id, now))
+        return step
+
+    def release(self, host: str, now: float) -> Step:
+        step = self._begin(now)
+        hold = self.state.holders.pop(host, None)
+        if hold is not None:
+            step.events.append(self._event(RELEASED, host, hold.label, hold.token, hold.ticket, now))
+            self._promote(now, step.events)
+        return step
+
+    def leave(self, ticket_id: str, now: float) -> Step:
+        """A waiter has gone: drop its place, or its hold if the grant raced the departure."""
+        step = self._begin(now)
+        ticket = self.state.queue.pop(ticket_id, None)
+        if ticket is not None:
+            step.events.append(self._event(LEFT, ticket.host, ticket.label, None, ticket_id, now))
+            self._promote(now, step.events)
+            return step
+        for hold in self.state.holders.values():
+            if hold.ticket == ticket_id:
+                del self.state.holders[hold.host]
+                step.events.append(self._event(RELEASED, hold.host, hold.label, hold.token, ticket_id, now))
+                self._promote(now, step.events)
+                break
+        return step
+
+    def tick(self, now: float) -> Step:
+        """End the holds that are due and hand their slots on."""
+        return self._begin(now)
+
+    def prune(self, gone: Callable[[Ticket], bool], now: float) -> Step:
+        """Drop the queued tickets for which ``gone`` says their server has died."""
+        step = self._begin(now)
+        dead = [t for t in self.state.queue.values() if gone(t)]
+        for ticket in dead:
+            del self.state.queue[ticket.id]
+            step.events.append(self._event(LEFT, ticket.host, ticket.label, None, ticket.id, now))
+        if dead:
+            self._promote(now, step.events)
+        return step
+
+    # -- queries -------------------------------------------------------------
+
+    def next_deadline(self) -> Optional[float]:
+        """When the state next changes by itself (a hold expires, a block lifts)."""
+        deadlines = [h.expires_at for h in self.state.holders.values() if h.expires_at is not None]
+        if self.state.queue and self.state.blocked_until:
+            deadlines.append(self.state.blocked_until)
+        return min(deadlines) if deadlines else None
+
+    def servers_waiting(self) -> Iterable[Optional[str]]:
+        return {t.server for t in self.state.queue.values()}
+
+    # -- the rules -----------------------------------------------------------
+
+    def _begin(self, now: float) -> Step:
+        step = Step()
+        holders = self.state.holders
+        if holders:
+            due = [h for h in holders.values() if h.expires_at is not None and h.expires_at <= now]
+            for hold in due:
+                del holders[hold.host]
+                step.events.append(self._event(EXPIRED, hold.host, hold.label, hold.token, hold.ticket, now))
+        if self.state.queue:
+            self._promote(now, step.events)
+        return step
+
+    def _has_free_slot(self, now: float) -> bool:
+        return len(self.state.holders) < self.spec.maxlocks and now >= self.state.blocked_until
+
+    def _promote(self, now: float, events: List[Event]) -> None:
+        queue = self.state.queue
+        holders = self.state.holders
+        while queue:
+            ticket = next(iter(queue.values()))
+            hold = holders.get(ticket.host)
+            if hold is not None:
+                # The holder queued again: re-entrant, its place costs no slot.
+                del queue[ticket.id]
+                self._renew(hold, ticket.label, now, ticket.id, events)
+            elif self._has_free_slot(now):
+                del queue[ticket.id]
+                self._grant(ticket.host, ticket.label, now, ticket.id, ticket.server, events)
+            else:
+                break
+
+    def _grant(self, host: str, label: str, now: float, ticket: Optional[str],
+               server: Optional[str], events: List[Event]) -> Hold:
+        token = next_token(self.state.last_token, now)
+        self.state.last_token = token
+        expire = self.spec.expire
+        hold = Hold(host, label, token, now, now + expire if expire else None, ticket, server)
+        self.state.holders[host] = hold
+        events.append(self._event(GRANTED, host, label, token, ticket, now))
+        return hold
+
+    def _renew(self, hold: Hold, label: str, now: float, ticket: Optional[str], events: List[Event]) -> None:
+        if self.spec.expire:
+            hold.expires_at = now + self.spec.expire
+        if label:
+            hold.label = label
+        events.append(self._event(RENEWED, hold.host, hold.label, hold.token, ticket, now))
+
+    def _event(self, kind: str, host: str, label: str, token: Optional[int],
+               ticket: Optional[str], now: float) -> Event:
+        return Event(kind, self.spec.name, host, label, token, ticket, now)

@@ -1,0 +1,79 @@
+"""The twistd / twist plugin: options, and the services a server is made of."""
+
+from __future__ import annotations
+
+import sys
+from typing import List
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import MultiService
+from twisted.internet.endpoints import serverFromString
+from twisted.python import usage
+
+from distributex.backend import make_backend
+from distributex.config import DEFAULT_PORT, ConfigError, load_config
+from distributex.eventlog import log_event
+from distributex.web import DistributexResource, DistributexSite
+
+
+class Options(usage.Options):
+    synopsis = "[-c distributex.yaml] [-p PORT | --listen ENDPOINT ...] [--access-log]"
+    longdesc = ("A fair network mutex and semaphore service. --listen takes a Twisted "
+                "endpoint string (tcp:9889:interface=127.0.0.1, unix:/run/dx.sock, ssl:...), "
+                "may repeat, and replaces -p.")
+    optParameters = [
+        ["config", "c", "distributex.yaml", "The YAML file that defines the pools."],
+        ["port", "p", None, f"TCP port on all interfaces (default {DEFAULT_PORT})."],
+    ]
+    optFlags = [
+        ["access-log", None, "Log every HTTP request (off by default: it costs throughput)."],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["listen"] = []
+
+    def opt_listen(self, endpoint: str) -> None:
+        """An endpoint to listen on (repeatable); replaces -p."""
+        self["listen"].append(endpoint)
+
+    def postOptions(self) -> None:
+        port = self["port"]
+        if port is not None and not (port.isdigit() and 0 < int(port) < 65536):
+            raise usage.UsageError(f"--port must be a TCP port number, not {port!r}")
+
+    def endpoints(self) -> List[str]:
+        if self["listen"]:
+            return list(self["listen"])
+        return [f"tcp:{self['port'] or DEFAULT_PORT}"]
+
+
+def _stop(message: str) -> None:
+    # twistd prints a traceback for any other exception; a bad config is the
+    # operator's mistake, not ours, so it gets one line and a non-zero exit.
+    sys.stderr.write(f"distributex: {message}\n")
+    raise SystemExit(1)
+
+
+def makeService(options: Options, reactor=None) -> MultiService:
+    if reactor is None:
+        from twisted.internet import reactor
+    try:
+        config = load_config(options["config"])
+    except ConfigError as e:
+        _stop(str(e))
+
+    top = MultiService()
+    backend = make_backend(config, reactor)
+    backend.observers.append(log_event)
+    backend.setServiceParent(top)
+
+    site = DistributexSite(DistributexResource(backend, config.pools, reactor),
+                           access_log=options["access-log"])
+    for description in options.endpoints():
+        try:
+            endpoint = serverFromString(reactor, description)
+        except Exception as e:
+            _stop(f"--listen {description}: {e}")
+        StreamServerEndpointService(endpoint, site).setServiceParent(top)
+    return top

@@ -1,0 +1,283 @@
+"""The HTTP face of distributex: /get/, /wait/, /release/, /status/.
+
+This module parses requests and writes answers; what the answers mean is
+decided by the pool rules behind the backend. Plain answers are the exact
+2014 bytes (YES, NO, OK, INVALID, ERROR, no newline); JSON on request.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from typing import Any, Dict, List, Optional
+
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request, Site
+
+from distributex.backend import Backend, BackendUnavailable, ShuttingDown
+from distributex.config import PoolSpec
+from distributex.status import status_json, status_table
+
+log = Logger()
+
+#: Longer values are refused: a host name, pool or label is a short string,
+#: and a bound keeps one request from filling the server's memory or logs.
+MAX_PARAM_BYTES = 1024
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+YES, NO, OK, INVALID, ERROR = b"YES", b"NO", b"OK", b"INVALID", b"ERROR"
+TEXT = b"text/plain"
+JSON = b"application/json"
+METHODS = (b"GET", b"POST")
+
+
+class BadRequest(Exception):
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+def _param(request: Request, name: str, required: bool = True) -> Optional[str]:
+    """One parameter as text: present once, short, UTF-8, no control characters."""
+    values = request.args.get(name.encode())
+    if not values:
+        if required:
+            raise BadRequest(400, f"missing parameter '{name}'")
+        return None
+    if len(values) > 1:
+        raise BadRequest(400, f"parameter '{name}' given more than once")
+    raw = values[0]
+    if len(raw) > MAX_PARAM_BYTES:
+        raise BadRequest(400, f"parameter '{name}' is longer than {MAX_PARAM_BYTES} bytes")
+    try:
+        value = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadRequest(400, f"parameter '{name}' is not UTF-8") from None
+    if _CONTROL.search(value):
+        raise BadRequest(400, f"parameter '{name}' contains control characters")
+    if required and not value:
+        raise BadRequest(400, f"parameter '{name}' is empty")
+    return value
+
+
+def _timeout(request: Request) -> Optional[float]:
+    text = _param(request, "timeout", required=False)
+    if not text:
+        return None
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not math.isfinite(seconds) or seconds < 0:
+        raise BadRequest(400, "parameter 'timeout' must be a number of seconds >= 0")
+    return seconds
+
+
+def _wants_json(request: Request) -> bool:
+    values = request.args.get(b"format")
+    if values:
+        if values[0] == b"json":
+            return True
+        if values[0] == b"text":
+            return False
+        raise BadRequest(400, "parameter 'format' must be 'json' or 'text'")
+    accept = request.getHeader(b"accept")
+    return accept is not None and JSON in accept
+
+
+def _seconds(value: float) -> str:
+    return str(int(value)) if value == int(value) else repr(value)
+
+
+def _gone(request: Request) -> bool:
+    # Twisted documents _disconnected on Request; there is no public query.
+    return request._disconnected or request.finished
+
+
+def _send(request: Request, code: int, word: bytes, as_json: bool,
+          fields: Optional[Dict[str, Any]] = None, headers: Optional[Dict[bytes, bytes]] = None) -> None:
+    if _gone(request):
+        return
+    if as_json:
+        body = {"result": word.decode()}
+        if fields:
+            body.update(fields)
+        data = json.dumps(body).encode()
+        content_type = JSON
+    else:
+        data = word
+        content_type = TEXT
+    request.setResponseCode(code)
+    request.setHeader(b"content-type", content_type)
+    request.setHeader(b"content-length", b"%d" % len(data))
+    if headers:
+        for name, value in headers.items():
+            request.setHeader(name, value)
+    if code >= 400 and fields and "reason" in fields:
+        request.setHeader(b"x-distributex-reason", fields["reason"].encode())
+    request.write(data)
+    request.finish()
+
+
+class DistributexResource(Resource):
+    """The whole HTTP API as one leaf resource."""
+
+    isLeaf = True
+
+    def __init__(self, backend: Backend, pools: Dict[str, PoolSpec], reactor: IReactorTime) -> None:
+        super().__init__()
+        self.backend = backend
+        self.pools = pools
+        self.reactor = reactor
+        self._routes = {
+            b"/get": self._get,
+            b"/wait": self._wait,
+            b"/release": self._release,
+            b"/status": self._status,
+        }
+
+    def render(self, request: Request) -> Any:
+        as_json = False
+        try:
+            as_json = _wants_json(request)
+            path = request.path
+            handler = self._routes.get(path[:-1] if path.endswith(b"/") and len(path) > 1 else path)
+            if handler is None:
+                raise BadRequest(404, "unknown path")
+            if request.method not in METHODS:
+                request.setHeader(b"allow", b"GET, POST")
+                raise BadRequest(405, "method not allowed (use GET or POST)")
+            handler(request, as_json)
+        except BadRequest as e:
+            _send(request, e.code, INVALID, as_json, {"reason": e.reason})
+        except Exception:
+            self._failed(Failure(), request, as_json)
+        return NOT_DONE_YET
+
+    # -- endpoints -----------------------------------------------------------
+
+    def _pool(self, request: Request, host: Optional[str] = None) -> PoolSpec:
+        name = _param(request, "pool")
+        spec = self.pools.get(name)
+        if spec is None:
+            raise BadRequest(404, f"unknown pool '{name}'")
+        if host is not None and not spec.allows(host):
+            raise BadRequest(403, f"host '{host}' is not allowed in pool '{name}'")
+        return spec
+
+    def _get(self, request: Request, as_json: bool) -> None:
+        host = _param(request, "host")
+        spec = self._pool(request, host)
+        label = _param(request, "label", required=False) or ""
+        d = self.backend.get(spec.name, host, label)
+        d.addCallback(self._answer_hold, request, spec, host, as_json)
+        d.addErrback(self._failed, request, as_json)
+
+    def _answer_hold(self, hold: Any, request: Request, spec: PoolSpec, host: str, as_json: bool) -> None:
+        if hold is None:
+            _send(request, 200, NO, as_json, {"pool": spec.name, "host": host})
+        else:
+            self._yes(request, spec, host, hold.token, as_json)
+
+    def _yes(self, request: Request, spec: PoolSpec, host: str, token: int, as_json: bool) -> None:
+        fields = None
+        if as_json:
+            fields = {"pool": spec.name, "host": host, "token": token,
+                      "expires_in": spec.expire or None}
+        _send(request, 200, YES, as_json, fields, {
+            b"x-distributex-token": b"%d" % token,
+            b"x-distributex-expire": _seconds(spec.expire).encode(),
+        })
+
+    def _wait(self, request: Request, as_json: bool) -> None:
+        host = _param(request, "host")
+        spec = self._pool(request, host)
+        label = _param(request, "label", required=False) or ""
+        timeout = _timeout(request)
+        waiter = self.backend.wait(spec.name, host, label)
+        if timeout is not None:
+            waiter.addTimeout(timeout, self.reactor)
+        # A client that hangs up leaves the queue at once.
+        request.notifyFinish().addErrback(lambda _: waiter.cancel())
+
+        def granted(event: Any) -> None:
+            self._yes(request, spec, host, event.token, as_json)
+
+        def not_granted(reason: Failure) -> None:
+            if reason.check(TimeoutError):
+                _send(request, 200, NO, as_json, {"pool": spec.name, "host": host, "reason": "timed out"})
+            elif reason.check(ShuttingDown):
+                _send(request, 503, NO, as_json, {"pool": spec.name, "host": host,
+                                                   "reason": "server shutting down"})
+            elif not reason.check(CancelledError):
+                self._failed(reason, request, as_json)
+
+        waiter.addCallbacks(granted, not_granted)
+
+    def _release(self, request: Request, as_json: bool) -> None:
+        host = _param(request, "host")
+        spec = self._pool(request)
+        d = self.backend.release(spec.name, host)
+        d.addCallback(lambda released: _send(
+            request, 200, OK, as_json, {"pool": spec.name, "host": host, "released": released}))
+        d.addErrback(self._failed, request, as_json)
+
+    def _status(self, request: Request, as_json: bool) -> None:
+        names: List[str] = []
+        for raw in request.args.get(b"pool", []):
+            try:
+                name = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise BadRequest(400, "parameter 'pool' is not UTF-8") from None
+            if name not in self.pools:
+                raise BadRequest(404, f"unknown pool '{name}'")
+            names.append(name)
+        d = self.backend.status(names or list(self.pools))
+
+        def show(pools: list) -> None:
+            if _gone(request):
+                return
+            if as_json:
+                data = json.dumps(status_json(pools)).encode()
+                content_type = JSON
+            else:
+                data = status_table(pools).encode()
+                content_type = b"text/plain; charset=utf-8"
+            request.setHeader(b"content-type", content_type)
+            request.setHeader(b"content-length", b"%d" % len(data))
+            request.write(data)
+            request.finish()
+
+        d.addCallback(show)
+        d.addErrback(self._failed, request, as_json)
+
+    def _failed(self, reason: Failure, request: Request, as_json: bool) -> None:
+        if reason.check(BackendUnavailable):
+            _send(request, 503, ERROR, as_json, {"reason": f"backend unavailable: {reason.value}"})
+        else:
+            log.failure("answering {uri}", reason, uri=request.uri)
+            _send(request, 500, ERROR, as_json, {"reason": "internal error"})
+
+
+class DistributexSite(Site):
+    """A Site whose per-request access log is off unless asked for.
+
+    Formatting and writing one access line costs a large share of a
+    request's time; pool events are logged anyway.
+    """
+
+    noisy = False
+
+    def __init__(self, resource: Resource, access_log: bool = False, **kwargs: Any) -> None:
+        super().__init__(resource, **kwargs)
+        self.access_log = access_log
+
+    def log(self, request: Request) -> None:
+        if self.access_log:
+            super().log(request)
