@@ -1,0 +1,166 @@
+"""Real processes for the tests: memcached and distributex servers (twistd).
+
+Every process listens on 127.0.0.1 only, on a free port, and is stopped when
+its test ends.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from typing import Any, Dict, List, Optional, Tuple
+
+import yaml
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+MEMCACHED = shutil.which("memcached") or "/usr/bin/memcached"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.02)
+    raise RuntimeError(f"nothing listening on {port} after {timeout}s")
+
+
+def twistd_command() -> List[str]:
+    twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
+    return [twistd if os.path.exists(twistd) else shutil.which("twistd") or "twistd"]
+
+
+class Memcached:
+    """A memcached on 127.0.0.1 that a test may kill and start again on the same port."""
+
+    def __init__(self) -> None:
+        if not os.path.exists(MEMCACHED):
+            raise RuntimeError("memcached is not installed: apt-get install -y memcached")
+        self.port = free_port()
+        self.proc: Optional[subprocess.Popen] = None
+        self.start()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        # -M: refuse to store when full instead of evicting (see the README).
+        args = [MEMCACHED, "-l", "127.0.0.1", "-p", str(self.port), "-U", "0", "-M", "-m", "64"]
+        if os.geteuid() == 0:
+            args += ["-u", "root"]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for_port(self.port, self.proc)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def flush(self) -> None:
+        with socket.create_connection(("127.0.0.1", self.port), timeout=2) as s:
+            s.sendall(b"flush_all\r\n")
+            s.recv(100)
+
+
+class Answer:
+    """One HTTP answer: status, body, headers (lower-case names)."""
+
+    def __init__(self, status: int, body: bytes, headers: Dict[str, str]) -> None:
+        self.status = status
+        self.body = body
+        self.headers = headers
+
+    @property
+    def text(self) -> str:
+        return self.body.decode()
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+    def __repr__(self) -> str:
+        return f"Answer({self.status}, {self.body!r})"
+
+
+def http(url: str, method: str = "GET", data: Optional[bytes] = None,
+         headers: Optional[Dict[str, str]] = None, timeout: float = 30.0) -> Answer:
+    request = urllib.request.Request(url, data=data, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as r:
+            return Answer(r.status, r.read(), {k.lower(): v for k, v in r.headers.items()})
+    except urllib.error.HTTPError as e:
+        return Answer(e.code, e.read(), {k.lower(): v for k, v in e.headers.items()})
+
+
+class DistributexServer:
+    """A real `twistd -n distributex` on 127.0.0.1, configured from a dict."""
+
+    def __init__(self, config: Dict[str, Any], workdir: Optional[str] = None,
+                 port: Optional[int] = None, extra_args: Tuple[str, ...] = ()) -> None:
+        self.workdir = workdir or tempfile.mkdtemp(prefix="dx-test-")
+        self.config_path = os.path.join(self.workdir, "distributex.yaml")
+        with open(self.config_path, "w") as f:
+            yaml.safe_dump(config, f)
+        self.port = port or free_port()
+        self.extra_args = extra_args
+        self.log_path = os.path.join(self.workdir, f"twistd-{self.port}.log")
+        self.proc: Optional[subprocess.Popen] = None
+        self.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            twistd_command() + ["-n", "--pidfile=", "distributex", "-c", self.config_path,
+                                "--listen", f"tcp:{self.port}:interface=127.0.0.1", *self.extra_args],
+            cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        wait_for_port(self.port, self.proc)
+
+    def call(self, path: str, method: str = "GET", timeout: float = 30.0,
+             headers: Optional[Dict[str, str]] = None, **params: Any) -> Answer:
+        query = urllib.parse.urlencode({k: v for k, v in params.items() if v is not None})
+        return http(f"{self.url}/{path}/?{query}", method=method, headers=headers, timeout=timeout)
+
+    def status(self, pool: str) -> Dict[str, Any]:
+        return self.call("status", pool=pool, format="json").json()["pools"][0]
+
+    def log(self) -> str:
+        with open(self.log_path, errors="replace") as f:
+            return f.read()
+
+    def terminate(self, timeout: float = 15.0) -> int:
+        """SIGTERM, and the exit status."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
