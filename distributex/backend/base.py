@@ -82,6 +82,9 @@ class Backend(Service):
         def failed(reason: Failure) -> None:
             if self._forget(ticket_id) is not None:
                 waiter.errback(reason)
+                # The store may have taken the ticket before the error: do
+                # not leave a place in the queue that nobody will answer.
+                self._leave(pool, [ticket_id])
 
         self._apply(pool, enqueue).addErrback(failed)
         return waiter
@@ -133,10 +136,18 @@ class Backend(Service):
 
     def _abandon(self, ticket_id: str) -> None:
         pool = self._ticket_pool.get(ticket_id)
-        if self._forget(ticket_id) is None or pool is None:
-            return
-        self._apply(pool, lambda p, now: p.leave(ticket_id, now)).addErrback(
-            lambda f: self.log.failure("leaving the queue of {pool}", f, pool=pool))
+        if self._forget(ticket_id) is not None and pool is not None:
+            self._leave(pool, [ticket_id])
+
+    def _leave(self, pool: str, tickets: List[str]) -> Deferred:
+        """Take these local tickets out of the pool's queue (or their holds, if granted)."""
+        d = self._apply(pool, lambda p, now: _leave_all(p, tickets, now))
+        d.addCallbacks(lambda _: self._left(tickets), lambda f: self.log.error(
+            "leaving the queue of {pool}: {f.value}", pool=pool, f=f))
+        return d
+
+    def _left(self, tickets: List[str]) -> None:
+        """The store has taken these tickets out (a hook for shared backends)."""
 
     def _answer_waiters(self) -> Dict[str, List[str]]:
         """Answer every local waiter with ShuttingDown; return their tickets by pool."""
@@ -148,6 +159,13 @@ class Backend(Service):
             if waiter is not None:
                 waiter.errback(ShuttingDown())
         return by_pool
+
+
+def _leave_all(pool: Pool, tickets: List[str], now: float) -> Step:
+    step = Step()
+    for ticket_id in tickets:
+        step.events += pool.leave(ticket_id, now).events
+    return step
 
 
 def _hold(step: Step) -> Optional[Hold]:
