@@ -141,10 +141,11 @@ class DistributexServer:
         log.close()
         wait_for_port(self.port, self.proc)
 
-    def call(self, path: str, method: str = "GET", timeout: float = 30.0,
+    def call(self, path: str, method: str = "GET", http_timeout: float = 30.0,
              headers: Optional[Dict[str, str]] = None, **params: Any) -> Answer:
+        """One request; params go in the query string (`timeout` is /wait's)."""
         query = urllib.parse.urlencode({k: v for k, v in params.items() if v is not None})
-        return http(f"{self.url}/{path}/?{query}", method=method, headers=headers, timeout=timeout)
+        return http(f"{self.url}/{path}/?{query}", method=method, headers=headers, timeout=http_timeout)
 
     def status(self, pool: str) -> Dict[str, Any]:
         return self.call("status", pool=pool, format="json").json()["pools"][0]

@@ -211,6 +211,16 @@ class MemcacheBackend(Backend):
             raise BackendUnavailable(f"memcached: {e or type(e).__name__}") from None
 
     def _transact(self, name: str, operation: Operation) -> Tuple[Step, PoolState]:
+        try:
+            return self._try_transact(name, operation)
+        except BackendUnavailable:
+            # A pooled connection may be dead from before a memcached restart;
+            # pymemcache reconnects on the next call. Retrying is safe: the
+            # transaction starts again from a fresh read, and applying an
+            # operation whose write did land finds it already done.
+            return self._try_transact(name, operation)
+
+    def _try_transact(self, name: str, operation: Operation) -> Tuple[Step, PoolState]:
         spec = self.pools[name]
         key = self._pool_key(name)
         for attempt in range(MAX_CAS_ATTEMPTS):
