@@ -222,7 +222,7 @@ class DistributexResource(Resource):
 
     def _release(self, request: Request, as_json: bool) -> None:
         host = _param(request, "host")
-        spec = self._pool(request)
+        spec = self._pool(request, host)
         d = self.backend.release(spec.name, host)
         d.addCallback(lambda released: _send(
             request, 200, OK, as_json, {"pool": spec.name, "host": host, "released": released}))
