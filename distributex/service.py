@@ -14,7 +14,7 @@ from twisted.python import usage
 
 from distributex.backend import make_backend
 from distributex.config import DEFAULT_PORT, ConfigError, load_config
-from distributex.eventlog import log_event
+from distributex.eventlog import EventLog
 from distributex.web import DistributexResource, DistributexSite
 
 
@@ -59,21 +59,40 @@ SHUTDOWN_FLUSH = 0.2
 class DistributexService(MultiService):
     """All the server's services; stops them as the contract says SIGTERM must."""
 
-    def __init__(self, reactor: Any) -> None:
+    def __init__(self, reactor: Any, event_log: EventLog) -> None:
         super().__init__()
         self.reactor = reactor
+        self.event_log = event_log
 
     def stopService(self) -> Any:
         # Children stop in reverse order: the listeners first (stop accepting),
         # then the backend, which answers every open /wait with NO.
         d = super().stopService()
-        d.addCallback(lambda _: deferLater(self.reactor, SHUTDOWN_FLUSH, lambda: None))
+        d.addCallback(lambda _: deferLater(self.reactor, SHUTDOWN_FLUSH, self.event_log.flush))
         # twistd and twist re-raise the signal that stopped the reactor, so
         # the process would die "killed by SIGTERM"; the contract promises a
         # clean exit 0 for a requested shutdown. There is no public API.
         if getattr(self.reactor, "_exitSignal", None) == signal.SIGTERM:
             self.reactor._exitSignal = None
         return d
+
+
+class Listener(StreamServerEndpointService):
+    """Listen on one endpoint; failing to listen stops the start, in one line."""
+
+    # Fail inside privilegedStartService, before the reactor runs, instead
+    # of logging the error and running a server that listens nowhere.
+    _raiseSynchronously = True
+
+    def __init__(self, description: str, endpoint: Any, factory: Any) -> None:
+        super().__init__(endpoint, factory)
+        self.description = description
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()
+        except Exception as e:
+            _stop(f"cannot listen on {self.description}: {e}")
 
 
 def _stop(message: str) -> None:
@@ -91,9 +110,10 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     except ConfigError as e:
         _stop(str(e))
 
-    top = DistributexService(reactor)
+    event_log = EventLog(reactor)
+    top = DistributexService(reactor, event_log)
     backend = make_backend(config, reactor)
-    backend.observers.append(log_event)
+    backend.observers.append(event_log)
     backend.setServiceParent(top)
 
     site = DistributexSite(DistributexResource(backend, config.pools, reactor),
@@ -103,5 +123,5 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
             endpoint = serverFromString(reactor, description)
         except Exception as e:
             _stop(f"--listen {description}: {e}")
-        StreamServerEndpointService(endpoint, site).setServiceParent(top)
+        Listener(description, endpoint, site).setServiceParent(top)
     return top
