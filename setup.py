@@ -27,7 +27,7 @@ setup(
         "treq>=22.1",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout", "hypothesis>=6", "build"],
+        "test": ["pytest>=7", "pytest-timeout", "hypothesis>=6", "build", "wheel"],
     },
     entry_points={"console_scripts": ["distributex = distributex.client.cli:main"]},
     classifiers=[

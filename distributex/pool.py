@@ -147,34 +147,31 @@ class Pool:
 
     def leave(self, ticket_id: str, now: float) -> Step:
         """A waiter has gone: drop its place, or its hold if the grant raced the departure."""
-        step = self._begin(now)
+        # The leaver goes first: settling the pool before would grant it a
+        # slot on its way out (a lease ended and nobody had noticed yet).
+        step = Step()
         ticket = self.state.queue.pop(ticket_id, None)
         if ticket is not None:
             step.events.append(self._event(LEFT, ticket.host, ticket.label, None, ticket_id, now))
-            self._promote(now, step.events)
-            return step
-        for hold in self.state.holders.values():
-            if hold.ticket == ticket_id:
-                del self.state.holders[hold.host]
-                step.events.append(self._event(RELEASED, hold.host, hold.label, hold.token, ticket_id, now))
-                self._promote(now, step.events)
-                break
-        return step
+        else:
+            for hold in self.state.holders.values():
+                if hold.ticket == ticket_id:
+                    del self.state.holders[hold.host]
+                    step.events.append(self._event(RELEASED, hold.host, hold.label, hold.token, ticket_id, now))
+                    break
+        return self._settle(step, now)
 
     def tick(self, now: float) -> Step:
         """End the holds that are due and hand their slots on."""
-        return self._begin(now)
+        return self._settle(Step(), now)
 
     def prune(self, gone: Callable[[Ticket], bool], now: float) -> Step:
         """Drop the queued tickets for which ``gone`` says their server has died."""
-        step = self._begin(now)
-        dead = [t for t in self.state.queue.values() if gone(t)]
-        for ticket in dead:
+        step = Step()
+        for ticket in [t for t in self.state.queue.values() if gone(t)]:
             del self.state.queue[ticket.id]
             step.events.append(self._event(LEFT, ticket.host, ticket.label, None, ticket.id, now))
-        if dead:
-            self._promote(now, step.events)
-        return step
+        return self._settle(step, now)
 
     # -- queries -------------------------------------------------------------
 
@@ -191,7 +188,10 @@ class Pool:
     # -- the rules -----------------------------------------------------------
 
     def _begin(self, now: float) -> Step:
-        step = Step()
+        return self._settle(Step(), now)
+
+    def _settle(self, step: Step, now: float) -> Step:
+        """End the holds that are due, then grant queued tickets the free slots."""
         holders = self.state.holders
         if holders:
             due = [h for h in holders.values() if h.expires_at is not None and h.expires_at <= now]

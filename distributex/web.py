@@ -44,7 +44,7 @@ class BadRequest(Exception):
 
 
 def _param(request: Request, name: str, required: bool = True) -> Optional[str]:
-    """One parameter as text: present once, short, UTF-8, no control characters."""
+    """One parameter as text: present once, and valid (see _text)."""
     values = request.args.get(name.encode())
     if not values:
         if required:
@@ -52,7 +52,14 @@ def _param(request: Request, name: str, required: bool = True) -> Optional[str]:
         return None
     if len(values) > 1:
         raise BadRequest(400, f"parameter '{name}' given more than once")
-    raw = values[0]
+    value = _text(name, values[0])
+    if required and not value:
+        raise BadRequest(400, f"parameter '{name}' is empty")
+    return value
+
+
+def _text(name: str, raw: bytes) -> str:
+    """A parameter value: short, UTF-8, no control characters."""
     if len(raw) > MAX_PARAM_BYTES:
         raise BadRequest(400, f"parameter '{name}' is longer than {MAX_PARAM_BYTES} bytes")
     try:
@@ -61,8 +68,6 @@ def _param(request: Request, name: str, required: bool = True) -> Optional[str]:
         raise BadRequest(400, f"parameter '{name}' is not UTF-8") from None
     if _CONTROL.search(value):
         raise BadRequest(400, f"parameter '{name}' contains control characters")
-    if required and not value:
-        raise BadRequest(400, f"parameter '{name}' is empty")
     return value
 
 
@@ -231,10 +236,7 @@ class DistributexResource(Resource):
     def _status(self, request: Request, as_json: bool) -> None:
         names: List[str] = []
         for raw in request.args.get(b"pool", []):
-            try:
-                name = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise BadRequest(400, "parameter 'pool' is not UTF-8") from None
+            name = _text("pool", raw)
             if name not in self.pools:
                 raise BadRequest(404, f"unknown pool '{name}'")
             names.append(name)

@@ -1,3 +1,5 @@
+import uuid
+
 import pytest
 
 from servers import DistributexServer, Memcached
@@ -24,7 +26,7 @@ def start_server(request, tmp_path):
             mc = memcache or request.getfixturevalue("memcached")
             config.setdefault("memcache_servers", [mc.address])
             # A namespace per test keeps tests sharing one memcached apart.
-            config.setdefault("namespace", f"t{id(started)}x{len(started)}")
+            config.setdefault("namespace", f"t{uuid.uuid4().hex}")
         workdir = tmp_path / f"server{len(started)}"
         workdir.mkdir()
         server = DistributexServer(config, workdir=str(workdir))

@@ -269,3 +269,14 @@ def test_each_pool_lives_on_one_of_several_memcached(start_server, memcached, ow
     for i in range(8):
         assert a.call("get", pool=f"p{i}", host="h1").body == b"YES"
         assert b.call("get", pool=f"p{i}", host="h2").body == b"NO"
+
+
+def test_a_holders_second_wait_is_answered_when_another_server_grants(cluster):
+    s1, s2 = cluster()
+    s2.call("get", pool="p", host="a")
+    first = Waiter(s1, "w")
+    queued(s2, 1)
+    second = Waiter(s1, "w")
+    queued(s2, 2)
+    s2.call("release", pool="p", host="a")
+    assert token(first.result(timeout=3)) == token(second.result(timeout=3))

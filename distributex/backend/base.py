@@ -50,7 +50,7 @@ class Backend(Service):
         self.server_id = uuid.uuid4().hex[:12]
         self._ticket_ids = itertools.count(1)
         self._waiting: Dict[str, Deferred] = {}  # ticket id -> the /wait's Deferred
-        self._ticket_pool: Dict[str, str] = {}  # ticket id -> pool name
+        self._tickets: Dict[str, Tuple[str, str]] = {}  # ticket id -> (pool, host)
         self.observers: List[Observer] = []
 
     # -- the operations the HTTP resource uses --------------------------------
@@ -73,7 +73,7 @@ class Backend(Service):
         ticket_id = f"{self.server_id}.{next(self._ticket_ids)}"
         waiter = Deferred(lambda _: self._abandon(ticket_id))
         self._waiting[ticket_id] = waiter
-        self._ticket_pool[ticket_id] = pool
+        self._tickets[ticket_id] = (pool, host)
         server = self.server_id
 
         def enqueue(p: Pool, now: float) -> Step:
@@ -131,11 +131,11 @@ class Backend(Service):
                     waiter.callback(event)
 
     def _forget(self, ticket_id: str) -> Optional[Deferred]:
-        self._ticket_pool.pop(ticket_id, None)
+        self._tickets.pop(ticket_id, None)
         return self._waiting.pop(ticket_id, None)
 
     def _abandon(self, ticket_id: str) -> None:
-        pool = self._ticket_pool.get(ticket_id)
+        pool, _ = self._tickets.get(ticket_id, (None, None))
         if self._forget(ticket_id) is not None and pool is not None:
             self._leave(pool, [ticket_id])
 
@@ -153,7 +153,7 @@ class Backend(Service):
         """Answer every local waiter with ShuttingDown; return their tickets by pool."""
         by_pool: Dict[str, List[str]] = {}
         for ticket_id in list(self._waiting):
-            pool = self._ticket_pool[ticket_id]
+            pool, _ = self._tickets[ticket_id]
             by_pool.setdefault(pool, []).append(ticket_id)
             waiter = self._forget(ticket_id)
             if waiter is not None:

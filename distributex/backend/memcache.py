@@ -43,7 +43,7 @@ from twisted.python.threadpool import ThreadPool
 
 from distributex.backend.base import Backend, BackendUnavailable, Operation
 from distributex.config import DEFAULT_EXPIRE, Config, PoolSpec
-from distributex.pool import GRANTED, Event, Hold, Pool, PoolState, Step, Ticket
+from distributex.pool import GRANTED, RENEWED, Event, Hold, Pool, PoolState, Step, Ticket
 
 #: A server refreshes its presence key this often ...
 PRESENCE_REFRESH = 1.0
@@ -185,12 +185,17 @@ class MemcacheBackend(Backend):
     def _committed(self, result: Tuple[Step, PoolState], name: str) -> Tuple[Step, PoolState]:
         step, state = result
         self._dispatch(step)
-        # Grants made through other servers show only in the record.
+        # Grants made through other servers show only in the record: a
+        # local waiter whose host now holds the pool, and whose ticket is no
+        # longer queued, was granted (or, a second wait of the holder, renewed).
         if self._waiting:
-            for hold in list(state.holders.values()):
-                if hold.ticket in self._waiting:
-                    self._forget(hold.ticket).callback(Event(
-                        GRANTED, name, hold.host, hold.label, hold.token, hold.ticket, hold.granted_at))
+            for ticket_id, (pool, host) in list(self._tickets.items()):
+                hold = state.holders.get(host)
+                if pool == name and hold is not None and ticket_id not in state.queue:
+                    waiter = self._forget(ticket_id)
+                    if waiter is not None:
+                        waiter.callback(Event(GRANTED if hold.ticket == ticket_id else RENEWED, name,
+                                              host, hold.label, hold.token, ticket_id, hold.granted_at))
         return result
 
     def _leave(self, pool: str, tickets: List[str]) -> Deferred:
@@ -326,7 +331,8 @@ class MemcacheBackend(Backend):
     def _poll(self) -> None:
         """Re-read the pools where local connections wait (grants by other
         servers, expiries, dead servers' tickets) or where a leave is owed."""
-        for name in (set(self._ticket_pool.values()) | set(self._orphans.values())) - self._polling:
+        waiting = {pool for pool, _ in self._tickets.values()}
+        for name in (waiting | set(self._orphans.values())) - self._polling:
             self._polling.add(name)
             owed = [t for t, pool in self._orphans.items() if pool == name]
             d = self._leave(name, owed) if owed else self._apply(name, _tick)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Optional
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -26,9 +26,10 @@ class InMemoryBackend(Backend):
         self._pools = {name: Pool(spec) for name, spec in pools.items()}
         self._timers: Dict[str, IDelayedCall] = {}
 
-    def _apply(self, name: str, operation: Operation) -> Deferred:
+    def _apply(self, name: str, operation: Operation, now: Optional[float] = None) -> Deferred:
         pool = self._pools[name]
-        now = self.reactor.seconds()
+        if now is None:
+            now = self.reactor.seconds()
         step = operation(pool, now)
         self._schedule(name, pool, now)
         self._dispatch(step)
@@ -49,10 +50,15 @@ class InMemoryBackend(Backend):
             if timer.getTime() <= deadline:
                 return
             timer.cancel()
-        self._timers[name] = self.reactor.callLater(max(0.0, deadline - now), self._tick, name)
+        self._timers[name] = self.reactor.callLater(max(0.0, deadline - now), self._expire, name, deadline)
 
     def _tick(self, name: str) -> Deferred:
         return self._apply(name, lambda pool, now: pool.tick(now))
+
+    def _expire(self, name: str, deadline: float) -> None:
+        # now + (deadline - now) may land a rounding step short of deadline:
+        # what was due at the deadline is due when its timer fires.
+        self._apply(name, lambda pool, now: pool.tick(now), max(self.reactor.seconds(), deadline))
 
     def stopService(self) -> None:
         super().stopService()

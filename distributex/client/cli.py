@@ -1,0 +1,249 @@
+"""The ``distributex`` command: run a command while holding a distributex lock.
+
+Its start-up is paid by every cron run, so this path imports the standard
+library only (no Twisted, no treq) and as little of it as will do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from distributex import __version__
+from distributex.client.address import DEFAULT_PORT, ServerAddress, parse_server
+from distributex.client.errors import DistributexError, LockBusy, LockTimeout
+from distributex.client.supervise import DEFAULT_KILL_GRACE, Interrupted, Supervisor
+
+TYPE_CHECKING = False  # importing typing would slow the wrapper's start; mypy sees True.
+if TYPE_CHECKING:
+    from typing import NoReturn
+
+    from distributex.client.locallock import LocalLock
+    from distributex.client.locker import HeldLock
+
+# compat: the 2014 client exited 1 whenever it did not run the command.
+DEFAULT_CONFLICT_EXIT = 1
+# The shell's statuses for a command that cannot be run, so that `-- ARGV`
+# fails the way `'command'` through /bin/sh does.
+CANNOT_EXECUTE_EXIT = 126
+NOT_FOUND_EXIT = 127
+
+PROG = "distributex"
+
+DESCRIPTION = """\
+Run a command while holding a lock of a distributex server, so that only
+one host of a cluster (or maxlocks of them) runs it at a time. The lease is
+renewed while the command runs; if the lock is lost anyway the command gets
+SIGTERM, then SIGKILL after the grace period.
+"""
+
+EPILOG = f"""\
+The command runs through /bin/sh -c (or as ARGV after --) in its own process
+group, with DISTRIBUTEX_POOL, DISTRIBUTEX_HOST and DISTRIBUTEX_TOKEN (the
+fencing token of the grant) in its environment. SIGINT, SIGTERM and SIGHUP
+are passed on to it.
+
+exit status:
+  the command's own, 128+N when signal N ended it;
+  the conflict status (-E, default {DEFAULT_CONFLICT_EXIT}) when the lock was not obtained
+  (busy with -n, -t passed, server unreachable, INVALID, ERROR): the command
+  did not run;
+  2 for a usage error.
+
+crontab example: puppet on one host of the cluster at a time, skipping the
+round (quietly, exit status 75) while another host is still at it:
+
+  */5 * * * * distributex -H dx.example.com -r puppet -l -n -E 75 'puppet agent --onetime --no-daemonize'
+"""  # noqa: E501  (a crontab line is one line)
+
+
+def main(argv: list[str] | None = None) -> NoReturn:
+    """The console entry point."""
+    sys.exit(run(sys.argv[1:] if argv is None else argv))
+
+
+def run(argv: list[str]) -> int:
+    """Run the wrapper with command-line ``argv``; its exit status."""
+    options = parse_args(argv)
+    supervisor = Supervisor(grace=options.grace)
+    supervisor.install_signal_handlers()
+    local: LocalLock | None = None
+    held: HeldLock | None = None
+    try:
+        if options.local:
+            from distributex.client.locallock import LocalLock
+
+            local = LocalLock(options.pool, timeout=options.timeout, nowait=options.nowait)
+        env = dict(os.environ, DISTRIBUTEX_POOL=options.pool)
+        if options.address is not None:
+            held = _lock_server(options, options.address)
+            env.update(DISTRIBUTEX_HOST=held.host, DISTRIBUTEX_TOKEN=str(held.token))
+        return _run_command(options, supervisor, env, held)
+    except LockBusy:
+        return options.conflict_exit  # -n found it busy: skip this round quietly
+    except DistributexError as error:
+        _say(str(error))
+        return options.conflict_exit
+    except Interrupted as interruption:
+        return 128 + interruption.signum
+    except OSError as error:  # the local lock's directory or file
+        _say(f"local lock of pool {options.pool!r}: {error}")
+        return options.conflict_exit
+    finally:
+        supervisor.hold_signals()
+        if held is not None:
+            _release(held)
+        if local is not None:
+            local.release()
+
+
+def _lock_server(options: argparse.Namespace, address: ServerAddress) -> HeldLock:
+    from distributex.client.locker import Locker
+
+    timeout = options.timeout
+    if timeout is not None and options.local:
+        # The local lock, taken first, has used part of the time.
+        timeout = max(0.0, options.deadline - time.monotonic())
+    try:
+        return Locker(address.url, host=options.id).acquire(
+            options.pool, label=options.label, timeout=timeout, nowait=options.nowait)
+    except LockTimeout:
+        # Say the -t the user gave, not what the local lock left of it.
+        raise LockTimeout(f"timed out after {options.timeout:g} s waiting for pool "
+                          f"{options.pool!r}") from None
+
+
+def _run_command(options: argparse.Namespace, supervisor: Supervisor, env: dict[str, str],
+                 held: HeldLock | None) -> int:
+    argv = options.argv or ["/bin/sh", "-c", options.command]
+    try:
+        supervisor.spawn(argv, env)
+    except OSError as error:
+        _say(f"cannot run {argv[0]}: {error.strerror or error}")
+        return NOT_FOUND_EXIT if isinstance(error, FileNotFoundError) else CANNOT_EXECUTE_EXIT
+    if held is not None:
+        def lost(reason: str) -> None:
+            _say(f"lost the lock on pool {options.pool!r}: {reason}; stopping the command "
+                 f"(SIGTERM, SIGKILL after {options.grace:g} s)")
+            supervisor.stop()
+
+        held.on_lost(lost)
+    return supervisor.wait()
+
+
+def _release(held: HeldLock) -> None:
+    try:
+        held.release()
+    except DistributexError as error:
+        if not held.lost.is_set():  # a lost lock has said so already
+            _say(f"could not release the lock on pool {held.pool!r} (its lease of "
+                 f"{held.expire:g} s will run out): {error}")
+
+
+def _say(message: str) -> None:
+    sys.stderr.write(f"{PROG}: {message}\n")
+    sys.stderr.flush()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, description=DESCRIPTION, epilog=EPILOG,
+        usage="%(prog)s [-H SERVER] -r POOL [options] ('command' | -- ARGV...)",
+        formatter_class=_Formatter)
+    add = parser.add_argument
+    add("command", nargs="?", help="the command, one string run by /bin/sh -c")
+    add("-H", "--server", metavar="SERVER",
+        help="the server: a host name or an http[s]://host:port URL; without it "
+             "the command runs under the local lock alone")
+    add("-r", "--pool", required=True, metavar="POOL", help="the pool to lock")
+    add("-p", "--port", type=_port, metavar="PORT",
+        help=f"the server's port (default {DEFAULT_PORT})")
+    add("-l", "--local", action="store_true",
+        help="also take a local lock (flock on a per-pool file), so that two runs "
+             "on this host never overlap")
+    add("-t", "--timeout", type=_seconds, metavar="SECONDS",
+        help="give up waiting for the lock after this long")
+    add("-n", "--nowait", action="store_true",
+        help="try once; if the lock is busy, do not run the command")
+    add("-E", "--conflict-exit-code", dest="conflict_exit", type=_status,
+        default=DEFAULT_CONFLICT_EXIT, metavar="N",
+        help=f"exit status when the lock was not obtained (default {DEFAULT_CONFLICT_EXIT})")
+    add("--id", metavar="NAME",
+        help="the holder identity sent to the server (default: this host's FQDN)")
+    add("--label", metavar="TEXT", help="a label shown beside the holder in /status/")
+    add("-g", "--grace", type=_seconds, default=DEFAULT_KILL_GRACE, metavar="SECONDS",
+        help="after a lost lock, SIGKILL the command this long after SIGTERM "
+             f"(default {DEFAULT_KILL_GRACE:g})")
+    add("-V", "--version", action="version", version=f"%(prog)s {__version__}")
+    return parser
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    # argparse builds a formatter for every option it adds, and by default
+    # measures the terminal with shutil, whose import alone costs the
+    # wrapper's start several milliseconds; os does the same for free.
+    def __init__(self, prog: str) -> None:
+        try:
+            width = int(os.environ.get("COLUMNS", "")) or os.get_terminal_size().columns
+        except (ValueError, OSError):
+            width = 80
+        super().__init__(prog, width=max(width - 2, 40))
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """Parse the command line; a usage error exits with status 2."""
+    parser = build_parser()
+    # Everything after the first `--` is the command's own argument vector;
+    # split by hand, because argparse would mix it with the positional.
+    if "--" in argv:
+        split = argv.index("--")
+        argv, command_argv = argv[:split], argv[split + 1:]
+    else:
+        command_argv = None
+    options = parser.parse_args(argv)
+    options.argv = command_argv
+    if command_argv is not None and options.command is not None:
+        parser.error("give the command as one string or as ARGV after --, not both")
+    if command_argv == [] or (command_argv is None and not options.command):
+        parser.error("no command given")
+    if options.server is None and options.port is not None:
+        parser.error("-p needs -H")
+    options.address = None
+    if options.server is not None:
+        try:
+            options.address = parse_server(options.server, options.port)
+        except ValueError as error:
+            parser.error(str(error))
+    else:
+        options.local = True  # without a server the local lock is the lock
+    if options.timeout is not None:
+        options.deadline = time.monotonic() + options.timeout
+    return options
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}")
+    return value
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}")
+    return int(text)
+
+
+def _status(text: str) -> int:
+    if not text.isdigit() or int(text) > 255:
+        raise argparse.ArgumentTypeError(f"not an exit status (0-255): {text!r}")
+    return int(text)
+
+
+if __name__ == "__main__":
+    main()

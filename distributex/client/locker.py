@@ -1,0 +1,192 @@
+"""The blocking Python API: ``Locker(url).lock(pool)`` as a context manager.
+
+Standard library only and no reactor, so that it fits a plain script and
+the command wrapper's fast start; a background thread renews the lease.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from distributex.client.address import parse_server
+from distributex.client.errors import DistributexError
+from distributex.client.held import Held
+from distributex.client.plans import (
+    acquire_plan,
+    drive,
+    release_plan,
+    renewal_plan,
+    run_blocking,
+)
+from distributex.client.protocol import default_host
+from distributex.client.threads import start_without_signals
+from distributex.client.wire import fetch
+
+TYPE_CHECKING = False  # importing typing would slow the wrapper's start; mypy sees True.
+if TYPE_CHECKING:
+    from collections.abc import Callable, Generator
+    from types import TracebackType
+
+    from distributex.client.plans import Step
+    from distributex.client.protocol import Answer, Grant, Request
+
+class Locker:
+    """A client of one distributex server, for code without a reactor.
+
+    ::
+
+        locker = Locker("http://dx.example.com:9889")
+        with locker.lock("pool1", label="nightly backup", timeout=600) as held:
+            for item in work:
+                held.check()                  # raises LockLost once lost
+                store(item, fence=held.token)
+
+    A held lock can be lost. When this process stops reaching the server
+    (a network partition, a paused VM, a server restart) the server hands
+    the pool to somebody else once the lease runs out. ``held.lost`` is a
+    :class:`threading.Event` set at that moment, ``held.check()`` raises
+    :class:`~distributex.client.errors.LockLost`, and leaving the ``with``
+    block raises ``LockLost`` if the lock was lost inside it. Pass
+    ``held.token`` to the resource so it can refuse an older holder's writes.
+
+    ``url`` is ``http[s]://host:port`` (or a bare host name, port 9889);
+    ``host`` is the identity sent as holder, by default this machine's FQDN.
+    """
+
+    def __init__(self, url: str, *, host: str | None = None) -> None:
+        self.address = parse_server(url)
+        self.host = host
+
+    def lock(self, pool: str, host: str | None = None, label: str | None = None,
+             timeout: float | None = None, nowait: bool = False) -> HeldLock:
+        """Wait for the lock on ``pool``; the held lock is a context manager.
+
+        ``timeout`` seconds, or forever (bar an unreachable server, given up
+        on after 30 s) when None: :class:`~.errors.LockTimeout`. ``nowait``
+        tries once: :class:`~.errors.LockBusy` when somebody holds it. An
+        unreachable server raises :class:`~.errors.ServerUnreachable`, a
+        refused request :class:`~.errors.InvalidRequest`.
+        """
+        return self.acquire(pool, host, label, timeout, nowait)
+
+    def acquire(self, pool: str, host: str | None = None, label: str | None = None,
+                timeout: float | None = None, nowait: bool = False) -> HeldLock:
+        """The same as :meth:`lock`; release the result with ``release()``."""
+        host = host or self.host or default_host()
+        plan = acquire_plan(pool, host, clock=time.monotonic, label=label,
+                            timeout=timeout, nowait=nowait)
+        try:
+            grant = run_blocking(drive(plan, self.fetch, _sleep))
+            assert grant is not None  # only a sleep that says stop ends a plan early
+        except DistributexError:
+            raise
+        except BaseException:
+            # Interrupted (Ctrl-C, a signal handler): the server may have
+            # granted just before, and nobody would ever release that grant.
+            self.release_quietly(pool, host)
+            raise
+        return HeldLock(self, pool, host, label, grant)
+
+    def fetch(self, request: Request) -> Answer:
+        """Send one protocol request to this locker's server."""
+        return fetch(self.address, request)
+
+    def release(self, pool: str, host: str) -> None:
+        """Tell the server that ``host`` no longer holds ``pool``."""
+        run_blocking(drive(release_plan(pool, host), self.fetch, _sleep))
+
+    def release_quietly(self, pool: str, host: str) -> None:
+        """:meth:`release`, for cleanup paths where nothing more can be done."""
+        try:
+            self.release(pool, host)
+        except DistributexError:
+            pass
+
+
+class HeldLock(Held):
+    """A lock held on a pool, renewed in the background until released.
+
+    Besides what :class:`~.held.Held` says, ``lost`` is a
+    :class:`threading.Event` set when the lock is lost.
+    """
+
+    def __init__(self, locker: Locker, pool: str, host: str, label: str | None,
+                 grant: Grant) -> None:
+        super().__init__(pool, host, label, grant)
+        self.lost = threading.Event()
+        self._locker = locker
+        self._stop = threading.Event()
+        self._mutex = threading.Lock()
+        self._callbacks: list[Callable[[str], object]] = []
+        self._thread: threading.Thread | None = None
+        if grant.expire > 0:
+            plan = renewal_plan(pool, host, grant, clock=time.monotonic, label=label)
+            self._thread = threading.Thread(target=self._renew, args=(plan,), daemon=True,
+                                            name=f"distributex renewal of {pool}")
+            start_without_signals(self._thread)
+
+    def on_lost(self, callback: Callable[[str], object]) -> None:
+        """Call ``callback(reason)`` once the lock is lost (now, if it is).
+
+        It runs in the renewal thread, so it should be quick: set a flag,
+        signal a process.
+        """
+        with self._mutex:
+            if not self.lost.is_set():
+                self._callbacks.append(callback)
+                return
+        callback(self.lost_reason or "")
+
+    def release(self) -> None:
+        """Stop renewing and give the lock back; a second call does nothing.
+
+        Raises :class:`~.errors.DistributexError` when the server could not
+        be told; the lease then runs out by itself.
+        """
+        if self._released:
+            return
+        self._released = True
+        self._stop.set()
+        if self._thread is not None:
+            # A renewal still on its way must not land after the release:
+            # it would take the lock again.
+            self._thread.join()
+        self._locker.release(self.pool, self.host)
+
+    def __enter__(self) -> HeldLock:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        try:
+            self.release()
+        except DistributexError as error:
+            # The block's own outcome matters more than a release the lease
+            # expiry will make up for; say it, do not mask the outcome.
+            import logging
+
+            logging.getLogger(__name__).warning(
+                "could not release the lock on pool %r (the lease will run out): %s",
+                self.pool, error)
+        if exc is None:
+            self.check()
+
+    def _renew(self, plan: Generator[Step, Answer | None, str]) -> None:
+        reason = run_blocking(drive(plan, self._locker.fetch, self._keep_sleeping))
+        if reason is None:
+            return  # released
+        with self._mutex:
+            self.lost_reason = str(reason)
+            self.lost.set()
+            callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            callback(self.lost_reason)
+
+    def _keep_sleeping(self, seconds: float) -> bool:
+        return not self._stop.wait(seconds)
+
+
+def _sleep(seconds: float) -> bool:
+    time.sleep(seconds)
+    return True

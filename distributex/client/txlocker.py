@@ -1,0 +1,277 @@
+"""The Twisted flavour of the Python API: Deferreds, on treq.
+
+For programs that already run a reactor. It drives the same plans as the
+blocking :class:`~distributex.client.locker.Locker` (:mod:`.plans`), so it
+retries, renews and declares a lock lost the same way; its clock is the
+reactor's (``IReactorTime``), so a test can drive it with ``task.Clock``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Generator
+from typing import Any, TypeVar
+
+from treq.client import HTTPClient
+from twisted.internet import error as neterror
+from twisted.internet.defer import (
+    CancelledError,
+    Deferred,
+    inlineCallbacks,
+    maybeDeferred,
+    succeed,
+)
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.python.failure import Failure
+from twisted.web.client import (
+    Agent,
+    RequestTransmissionFailed,
+    ResponseFailed,
+)
+from twisted.web.http_headers import Headers
+
+from distributex.client.address import parse_server
+from distributex.client.errors import DistributexError, ServerUnreachable
+from distributex.client.held import Held
+from distributex.client.plans import acquire_plan, drive, release_plan, renewal_plan
+from distributex.client.protocol import Answer, Grant, Request, default_host
+from distributex.client.wire import USER_AGENT
+
+T = TypeVar("T")
+
+# The failures of a request that never connected.
+_CONNECT_ERRORS = (neterror.ConnectError, neterror.DNSLookupError)
+# What a request that could not reach the server, or got no answer, fails
+# with; anything else is a bug and is not disguised as an outage.
+_TRANSPORT_ERRORS = (neterror.ConnectError, neterror.ConnectionLost, neterror.ConnectionDone,
+                     ResponseFailed, RequestTransmissionFailed, OSError)
+
+
+class TxLocker:
+    """A client of one distributex server for Twisted programs.
+
+    ::
+
+        locker = TxLocker("http://dx.example.com:9889")
+        held = yield locker.acquire("pool1", label="nightly backup", timeout=600)
+        try:
+            yield do_the_work(fence=held.token)
+            held.check()            # raises LockLost once lost
+        finally:
+            yield held.release()
+
+    or ``locker.run_locked("pool1", work)``, which calls ``work(held)``,
+    cancels its Deferred if the lock is lost, and always releases.
+
+    A held lock can be lost (see :class:`~distributex.client.locker.Locker`):
+    ``held.when_lost()`` fires with the reason, ``held.lost`` says it, and
+    ``held.token`` lets the resource refuse an older holder's writes.
+    """
+
+    def __init__(self, url: str, reactor: IReactorTime | None = None, *,
+                 host: str | None = None, http_client: HTTPClient | None = None) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+
+            reactor = default_reactor  # type: ignore[assignment]
+        self.address = parse_server(url)
+        self.host = host
+        self.reactor: IReactorTime = reactor  # type: ignore[assignment]
+        # Agent's default pool closes each connection after its answer, as the
+        # blocking client does: a lock takes a request every few minutes.
+        self._http = http_client or HTTPClient(Agent(reactor))
+
+    def acquire(self, pool: str, host: str | None = None, label: str | None = None,
+                timeout: float | None = None, nowait: bool = False) -> Deferred[TxHeldLock]:
+        """Wait for the lock on ``pool``; a Deferred of the held lock.
+
+        Fails as :meth:`Locker.lock <distributex.client.locker.Locker.lock>`
+        raises: ``LockTimeout``, ``LockBusy``, ``ServerUnreachable``,
+        ``InvalidRequest``... Cancelling it gives up the wait.
+        """
+        host = host or self.host or default_host()
+        plan = acquire_plan(pool, host, clock=self.reactor.seconds, label=label,
+                            timeout=timeout, nowait=nowait)
+        waiting = inlineCallbacks(drive)(plan, self.fetch, self._sleep)
+
+        def granted(grant: Grant) -> TxHeldLock:
+            return TxHeldLock(self, pool, host, label, grant)
+
+        def failed(failure: Failure) -> Failure:
+            if not failure.check(DistributexError):
+                # Cancelled or broken mid-wait: the server may have granted
+                # just before, and nobody would ever release that grant.
+                self.release(pool, host).addErrback(lambda _: None)
+            return failure
+
+        return waiting.addCallbacks(granted, failed)  # type: ignore[arg-type]
+
+    def release(self, pool: str, host: str) -> Deferred[None]:
+        """Tell the server that ``host`` no longer holds ``pool``."""
+        return inlineCallbacks(drive)(release_plan(pool, host), self.fetch, self._sleep)
+
+    def run_locked(self, pool: str, work: Callable[[TxHeldLock], Any], *,
+                   host: str | None = None, label: str | None = None,
+                   timeout: float | None = None, nowait: bool = False) -> Deferred[Any]:
+        """Call ``work(held)`` under the lock; a Deferred of its result.
+
+        The lock is released however the work ends. If the lock is lost
+        first, the work's Deferred is cancelled; if it was lost at any time
+        during the work, the result is a ``LockLost`` failure.
+        """
+        return self._run_locked(pool, work, host, label, timeout, nowait)
+
+    @inlineCallbacks
+    def _run_locked(self, pool: str, work: Callable[[TxHeldLock], Any], host: str | None,
+                    label: str | None, timeout: float | None,
+                    nowait: bool) -> Generator[Deferred[Any], Any, Any]:
+        held = yield self.acquire(pool, host, label, timeout, nowait)
+        working = maybeDeferred(work, held)
+        loss = held.when_lost()
+        loss.addCallback(lambda _: working.cancel())  # the lock is gone: stop
+        loss.addErrback(lambda failure: failure.trap(CancelledError))
+        try:
+            result = yield working
+        except Exception as failure:
+            if held.lost:
+                raise held.loss() from failure
+            raise
+        finally:
+            loss.cancel()
+            yield held.release()
+        held.check()
+        return result
+
+    def fetch(self, request: Request) -> Deferred[Answer]:
+        """Send one protocol request; a Deferred of the answer."""
+        url = self.address.url + request.target()
+        headers = Headers({b"Accept": [b"text/plain"], b"User-Agent": [USER_AGENT.encode()]})
+        answering: Deferred[Answer] = self._http.get(url, headers=headers).addCallback(
+            _read_answer)
+        timed_out = []
+        if request.timeout is not None:
+            # By hand, not addTimeout: the Agent reports the cancel as its own
+            # failure, which addTimeout would not recognise as a timeout.
+            def give_up() -> None:
+                timed_out.append(True)
+                answering.cancel()
+
+            def answered(result: object) -> object:
+                if timer.active():
+                    timer.cancel()
+                return result
+
+            timer = self.reactor.callLater(request.timeout, give_up)
+            answering.addBoth(answered)
+
+        def unreachable(failure: Failure) -> Failure:
+            if timed_out:
+                raise ServerUnreachable(f"no answer from {self.address.url} in "
+                                        f"{request.timeout:g} s")
+            if _cancelled(failure):
+                # Our caller gave up: not an outage, and not to be retried.
+                raise CancelledError()
+            if failure.check(*_TRANSPORT_ERRORS):
+                raise ServerUnreachable(f"cannot reach {self.address.url}: "
+                                        f"{_describe(failure)}",
+                                        connected=not failure.check(*_CONNECT_ERRORS))
+            return failure
+
+        return answering.addErrback(unreachable)
+
+    def _sleep(self, seconds: float) -> Deferred[bool]:
+        sleeping: Deferred[bool] = Deferred(lambda d: call.cancel())
+        call = self.reactor.callLater(seconds, sleeping.callback, True)
+        return sleeping
+
+
+class TxHeldLock(Held):
+    """A lock held on a pool, renewed by the reactor until released.
+
+    Besides what :class:`~.held.Held` says, ``lost`` is whether it has been
+    lost and :meth:`when_lost` fires when it is.
+    """
+
+    def __init__(self, locker: TxLocker, pool: str, host: str, label: str | None,
+                 grant: Grant) -> None:
+        super().__init__(pool, host, label, grant)
+        self._locker = locker
+        self._loss_waiters: list[Deferred[str]] = []
+        self._wake: tuple[Deferred[bool], IDelayedCall] | None = None
+        self._renewing: Deferred[Any] = succeed(None)
+        if grant.expire > 0:
+            plan = renewal_plan(pool, host, grant, clock=locker.reactor.seconds, label=label)
+            renewing = inlineCallbacks(drive)(plan, locker.fetch, self._sleep)
+            self._renewing = renewing.addCallback(self._ended)
+
+    @property
+    def lost(self) -> bool:
+        return self.lost_reason is not None
+
+    def when_lost(self) -> Deferred[str]:
+        """A Deferred that fires with the reason once the lock is lost.
+
+        It never fires for a lock released in time; cancel it when done.
+        """
+        if self.lost_reason is not None:
+            return succeed(self.lost_reason)
+        waiter: Deferred[str] = Deferred(self._loss_waiters.remove)
+        self._loss_waiters.append(waiter)
+        return waiter
+
+    def release(self) -> Deferred[None]:
+        """Stop renewing and give the lock back; a Deferred of its end.
+
+        It fails with a :class:`~.errors.DistributexError` when the server
+        could not be told; the lease then runs out by itself. A second call
+        does nothing.
+        """
+        if self._released:
+            return succeed(None)
+        self._released = True
+        if self._wake is not None:
+            sleeping, call = self._wake
+            call.cancel()
+            sleeping.callback(False)
+        # A renewal still on its way must not land after the release: it
+        # would take the lock again.
+        return self._renewing.addBoth(lambda _: self._locker.release(self.pool, self.host))
+
+    def _sleep(self, seconds: float) -> Deferred[bool]:
+        sleeping: Deferred[bool] = Deferred()
+        call = self._locker.reactor.callLater(seconds, self._woken, sleeping)
+        self._wake = (sleeping, call)
+        return sleeping
+
+    def _woken(self, sleeping: Deferred[bool]) -> None:
+        self._wake = None
+        sleeping.callback(True)
+
+    def _ended(self, reason: str | None) -> None:
+        if reason is None:
+            return  # released
+        self.lost_reason = reason
+        waiters, self._loss_waiters = self._loss_waiters, []
+        for waiter in waiters:
+            waiter.callback(reason)
+
+
+@inlineCallbacks
+def _read_answer(response: Any) -> Generator[Deferred[Any], Any, Answer]:
+    body = yield response.content()
+    headers = {name.decode("latin-1").lower(): values[-1].decode("latin-1")
+               for name, values in response.headers.getAllRawHeaders()}
+    return Answer(response.code, body, headers)
+
+
+def _cancelled(failure: Failure) -> bool:
+    # The Agent reports a cancelled request as a ResponseNeverReceived (or
+    # a ResponseFailed) whose reasons include the CancelledError.
+    reasons = getattr(failure.value, "reasons", None) or [failure]
+    return any(reason.check(CancelledError) for reason in reasons)
+
+
+def _describe(failure: Failure) -> str:
+    if failure.check(ResponseFailed, RequestTransmissionFailed):
+        reasons = getattr(failure.value, "reasons", None) or [failure]
+        return str(reasons[0].getErrorMessage())
+    return str(failure.getErrorMessage())
