@@ -94,9 +94,9 @@ def acquire_plan(pool: str, host: str, *, clock: Callable[[], float],
 
     An unreachable server is retried with backoff until ``timeout`` passes
     (without one, until it has been out of reach for
-    :data:`UNREACHABLE_PATIENCE`); with ``nowait`` it is tried once. Raises :class:`LockBusy`, :class:`LockTimeout`,
-    :class:`ServerUnreachable`, :class:`InvalidRequest`,
-    :class:`ServerError` or :class:`ProtocolError`.
+    :data:`UNREACHABLE_PATIENCE`); with ``nowait`` it is tried once.
+    Raises :class:`LockBusy`, :class:`LockTimeout`, :class:`ServerUnreachable`,
+    :class:`InvalidRequest`, :class:`ServerError` or :class:`ProtocolError`.
     """
     started = clock()
     deadline = None if timeout is None else started + timeout

@@ -113,8 +113,8 @@ def verdict(answer: Answer) -> str:
     if body == "INVALID":
         raise InvalidRequest(answer.status, reason or "no reason given")
     if body == "ERROR":
-        raise ServerError("the server's lock backend is unavailable"
-                          + (f": {reason}" if reason else ""))
+        raise ServerError(f"server error (HTTP {answer.status}): "
+                          f"{reason or 'its lock backend is unavailable'}")
     if answer.status in _GATEWAY_STATUSES:
         raise ServerUnreachable(f"the server is unavailable (HTTP {answer.status})")
     raise ProtocolError(f"unexpected answer (HTTP {answer.status}): {body[:80]!r}")

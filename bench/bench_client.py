@@ -1,0 +1,160 @@
+#!/usr/bin/env python3
+"""Start-up cost of the distributex command, which every cron run pays.
+
+Times ``distributex -H 127.0.0.1 -r pool true`` against a running server
+(a whole run: start, lock, /bin/sh -c true, release, exit), beside
+``flock FILE true`` as the floor and the bare interpreter, so that what the
+wrapper itself adds can be told apart from what Python costs on the machine;
+and both again in a bare venv, whose site reads none of the installation's
+.pth files (some installations import whole packages from them at every
+start). With hyperfine when it is installed, else repeated runs and their median.
+
+    python bench/bench_client.py [--runs 60] [--no-hyperfine]
+
+Exit status 0 when the median is under the 60 ms target, 2 when it is not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import compileall
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+import venv
+from typing import Dict, List, Tuple
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import (  # noqa: E402
+    ROOT,
+    Processes,
+    Server,
+    add_quiet_option,
+    print_header,
+    python_script,
+    wait_quiet,
+)
+
+POOL = "bench"
+TARGET = 0.060  # the issue's aim for a whole run of the wrapper
+ROUNDS = 6  # hyperfine batches, interleaved (see with_hyperfine)
+WRAPPER_IMPORTS = "import distributex.client.cli, distributex.client.locker"
+CHECKOUT = os.path.join(ROOT, "client", "distributex")
+
+
+def commands(port: int, lock_file: str, plain: str) -> List[Tuple[str, List[str]]]:
+    """(name, argv) of every command timed, floors first.
+
+    ``plain`` is the python of a bare venv: site there reads no .pth files
+    of the installation, so that it shows the interpreter and the wrapper as
+    on a machine whose site-packages add nothing to every start.
+    """
+    python = os.path.realpath(sys.executable)  # not a pyenv shim: a cron line names the real one
+    dx = python_script("distributex")
+    server = ["-H", "127.0.0.1", "-p", str(port), "-r", POOL]
+    return [
+        ("flock FILE true (the floor)", ["flock", lock_file, "true"]),
+        ("python -c pass", [python, "-c", "pass"]),
+        ("python: the wrapper's imports", [python, "-c", WRAPPER_IMPORTS]),
+        ("distributex -H ... true", [dx, *server, "true"]),
+        ("distributex -l -H ... true", [dx, "-l", *server, "true"]),
+        ("distributex -l true (local only)", [dx, "-l", "-r", POOL, "true"]),
+        ("plain venv: python -c pass", [plain, "-c", "pass"]),
+        ("plain venv: client/distributex -H ... true", [plain, CHECKOUT, *server, "true"]),
+    ]
+
+
+def with_hyperfine(runs: int, argvs: List[List[str]], export: str) -> List[float]:
+    """Median seconds of each command, as hyperfine measured them.
+
+    In rounds of a few runs of every command, so that a burst of other work
+    on the machine spreads over all the commands instead of skewing one.
+    """
+    samples: Dict[int, List[float]] = {i: [] for i in range(len(argvs))}
+    per_round = max(1, runs // ROUNDS)
+    for round_ in range(ROUNDS):
+        subprocess.run(["hyperfine", "-N", "--style", "none", "--runs", str(per_round),
+                        "--warmup", "3" if round_ == 0 else "1", "--export-json", export,
+                        *[subprocess.list2cmdline(a) for a in argvs]],
+                       check=True, stdout=subprocess.DEVNULL)
+        with open(export) as f:
+            for i, result in enumerate(json.load(f)["results"]):
+                samples[i].extend(result["times"])
+    return [statistics.median(samples[i]) for i in range(len(argvs))]
+
+
+def by_hand(runs: int, argvs: List[List[str]]) -> List[float]:
+    """Median seconds of each command over ``runs`` runs, interleaved."""
+    samples: Dict[int, List[float]] = {i: [] for i in range(len(argvs))}
+    for round_ in range(runs + 5):
+        for i, argv in enumerate(argvs):
+            started = time.perf_counter()
+            subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
+            if round_ >= 5:  # the first rounds warm the caches
+                samples[i].append(time.perf_counter() - started)
+    return [statistics.median(samples[i]) for i in range(len(argvs))]
+
+
+def import_costs() -> List[str]:
+    """The heaviest imports of the wrapper's path (python -X importtime)."""
+    result = subprocess.run([os.path.realpath(sys.executable), "-X", "importtime", "-c",
+                             WRAPPER_IMPORTS], capture_output=True, text=True, check=True)
+    rows = []
+    for line in result.stderr.splitlines():
+        fields = line.split("|")
+        if len(fields) == 3 and fields[1].strip().isdigit():
+            rows.append((int(fields[1]), fields[2].rstrip()))
+    top = [r for r in rows if not r[1].startswith("  ")]  # top-level imports only
+    return [f"  {us / 1000:6.1f} ms  {name.strip()}" for us, name in sorted(top, reverse=True)[:8]]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=60, help="runs of each command (default 60)")
+    parser.add_argument("--no-hyperfine", action="store_true",
+                        help="time repeated runs by hand even where hyperfine is installed")
+    add_quiet_option(parser)
+    args = parser.parse_args()
+    quiet = wait_quiet(args.wait_quiet) if args.wait_quiet > 0 else None
+    # pip byte-compiles an installed package; a checkout run without write
+    # access (or with PYTHONDONTWRITEBYTECODE) would compile on every start.
+    compileall.compile_dir(os.path.join(ROOT, "distributex"), quiet=1)
+    use_hyperfine = shutil.which("hyperfine") is not None and not args.no_hyperfine
+
+    with Processes() as procs:
+        os.environ["DISTRIBUTEX_LOCK_DIR"] = os.path.join(procs.dir, "locks")
+        server = Server(procs, [{"name": POOL, "expire": 300}], {})
+        plain = os.path.join(procs.dir, "venv")
+        venv.create(plain, with_pip=False, symlinks=True)
+        named = commands(server.port, os.path.join(procs.dir, "flock"),
+                         os.path.join(plain, "bin", "python"))
+        print_header("distributex client start-up: one whole wrapped run of `true`", [
+            f"server: twistd on 127.0.0.1:{server.port}, in-memory backend",
+            f"timing: {'hyperfine' if use_hyperfine else 'repeated runs'}, median of "
+            f"{args.runs} runs each, in interleaved rounds",
+        ] + ([quiet] if quiet else []))
+        argvs = [argv for _, argv in named]
+        medians = (with_hyperfine(args.runs, argvs, os.path.join(procs.dir, "hyperfine.json"))
+                   if use_hyperfine else by_hand(args.runs, argvs))
+        server.stop()
+
+    for (name, _), median in zip(named, medians):
+        print(f"{name:<36} {median * 1000:7.1f} ms")
+    print("heaviest top-level imports of the wrapper's path (python -X importtime):")
+    print("\n".join(import_costs()))
+    wrapper = medians[3]
+    verdict = "PASS" if wrapper < TARGET else "FAIL"
+    print(f"the wrapper beyond the interpreter: {(wrapper - medians[1]) * 1000:.1f} ms here, "
+          f"{(medians[-1] - medians[-2]) * 1000:.1f} ms in the plain venv")
+    print(f"target: distributex -H ... true median < {TARGET * 1000:g} ms: {verdict} "
+          f"({wrapper * 1000:.1f} ms; the interpreter alone takes {medians[1] * 1000:.1f} ms)")
+    return 0 if wrapper < TARGET else 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
