@@ -13,12 +13,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from contextlib import contextmanager
-from typing import Any, Callable, Dict, Iterator, List, Optional, TypeVar
+from typing import Any, Dict, Iterator, List, Optional
 
 import pytest
-from servers import ROOT, DistributexServer
+from servers import ROOT, DistributexServer, wait_until  # noqa: F401  (wait_until: re-exported for the client tests)
 
 CLIENT = os.path.join(ROOT, "client", "distributex")
 
@@ -35,8 +34,6 @@ POOLS: List[Dict[str, Any]] = (
         "lost", "grace", "stopped", "api-lost", "api-renew", "tx-lost", "tx-run")]
     + [{"name": "forever", "expire": 0}]
 )
-
-T = TypeVar("T")
 
 
 def start_dx(workdir: str, pools: Optional[List[Dict[str, Any]]] = None,
@@ -87,18 +84,6 @@ def wait_all(clients: List[subprocess.Popen], timeout: float = 30) -> List[int]:
     finally:
         for client in clients:
             stop(client)
-
-
-def wait_until(predicate: Callable[[], T], timeout: float = 10.0, what: str = "") -> T:
-    """Poll ``predicate`` until it returns something true; that value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what or predicate}")
-        time.sleep(0.02)
 
 
 def read(path: Any) -> str:

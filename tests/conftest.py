@@ -16,6 +16,14 @@ def memcached():
 
 
 @pytest.fixture
+def own_memcached():
+    """A memcached this test may kill and restart."""
+    server = Memcached()
+    yield server
+    server.kill()
+
+
+@pytest.fixture
 def start_server(request, tmp_path):
     """Start real distributex servers: start_server(pools, backend=..., **config)."""
     started = []

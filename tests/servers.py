@@ -18,7 +18,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import yaml
 
@@ -44,6 +44,19 @@ def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 15.0) -> N
         except OSError:
             time.sleep(0.02)
     raise RuntimeError(f"nothing listening on {port} after {timeout}s")
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "",
+               interval: float = 0.02) -> Any:
+    """Poll ``predicate`` until it returns something true; that value, or AssertionError."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+        time.sleep(interval)
 
 
 def twistd_command() -> List[str]:

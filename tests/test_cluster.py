@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from servers import ROOT, Memcached
+from servers import ROOT
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -20,13 +20,6 @@ CLIENTS = 30
 # Short enough that a lock lost through a dead server comes back quickly,
 # long enough for the client's renewals (every third of it).
 EXPIRE = 3
-
-
-@pytest.fixture
-def own_memcached():
-    server = Memcached()
-    yield server
-    server.kill()
 
 
 def start_clients(servers, log_path, count=CLIENTS):

@@ -6,7 +6,7 @@ import time
 import urllib.parse
 
 import pytest
-from servers import Answer, http
+from servers import Answer, http, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -14,18 +14,6 @@ POOL1 = [{"name": "pool1", "expire": 300}]
 
 
 # -- helpers ------------------------------------------------------------------------
-
-
-def eventually(check, timeout=5.0, interval=0.02):
-    """check()'s first truthy value within timeout, or AssertionError."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not true within {timeout}s: {check}")
-        time.sleep(interval)
 
 
 class RawRequest:
@@ -99,7 +87,7 @@ def waiters(server, pool="pool1"):
 
 def queued(server, hosts, pool="pool1"):
     """Wait until the pool's queue is exactly `hosts`, in that order."""
-    eventually(lambda: waiters(server, pool) == list(hosts))
+    wait_until(lambda: waiters(server, pool) == list(hosts))
 
 
 def get(server, host, pool="pool1", **params):
@@ -364,7 +352,7 @@ def test_waiters_are_granted_in_the_order_they_queued(start_server, backend):
         release(server, current)
         answered = [h for h in hosts if h not in order and waits[h].answered(within=0.05)]
         if not answered:
-            answered = eventually(lambda: [h for h in hosts if h not in order and waits[h].answered()])
+            answered = wait_until(lambda: [h for h in hosts if h not in order and waits[h].answered()])
         assert len(answered) == 1, f"several waiters answered at once: {answered}"
         assert waits[answered[0]].answer().body == b"YES"
         order.append(answered[0])
@@ -390,7 +378,7 @@ def test_a_waiter_whose_socket_closes_leaves_the_queue_at_once(start_server, bac
     live = wait_for(server, host="live")
     queued(server, ["ghost", "live"])
     ghost.hang_up()
-    eventually(lambda: waiters(server) == ["live"], timeout=2)
+    wait_until(lambda: waiters(server) == ["live"], timeout=2)
     live.hang_up()
 
 

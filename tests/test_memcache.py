@@ -9,19 +9,11 @@ import time
 
 import pytest
 
-from servers import Memcached
+from servers import wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
 MUTEX = [{"name": "p", "expire": 30}]
-
-
-@pytest.fixture
-def own_memcached():
-    """A memcached this test may kill and restart."""
-    server = Memcached()
-    yield server
-    server.kill()
 
 
 @pytest.fixture
@@ -55,15 +47,6 @@ class Waiter(threading.Thread):
         self.join(timeout)
         assert not self.is_alive(), f"{self.host} still waiting"
         return self.answer
-
-
-def wait_until(predicate, timeout=15.0, interval=0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return False
 
 
 def queued(server, count, pool="p"):
