@@ -528,7 +528,7 @@ def main() -> int:
         if len(results["baseline"]) > 1:
             print("  spread over the rounds (min..max req/s): " + "; ".join(
                 f"{k} {min(f['rps'] for f in v):.0f}..{max(f['rps'] for f in v):.0f}"
-                for k, v in results.items()))
+                for k, v in results.items() if v))
         others = max(f["other_cpu"] for rs in results.values() for f in rs)
         if others > 0.15:
             print(f"  NOTE: other processes used up to {others * 100:.0f}% of a CPU during a "

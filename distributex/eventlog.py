@@ -17,7 +17,7 @@ for observers that want data rather than text.
 
 from __future__ import annotations
 
-from typing import Any, List, Optional, Tuple
+from typing import List, Optional
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
@@ -42,13 +42,11 @@ class EventLog:
 
     def __init__(self, reactor: IReactorTime) -> None:
         self.reactor = reactor
-        self._lines: List[str] = []
-        self._events: List[Tuple[Any, ...]] = []
+        self._events: List[Event] = []
         self._flush_call: Optional[IDelayedCall] = None
 
     def __call__(self, event: Event) -> None:
-        self._lines.append(describe(event))
-        self._events.append((event.kind, event.pool, event.host, event.label, event.token, event.at))
+        self._events.append(event)
         if self._flush_call is None:
             self._flush_call = self.reactor.callLater(0, self.flush)
 
@@ -56,9 +54,10 @@ class EventLog:
         if self._flush_call is not None and self._flush_call.active():
             self._flush_call.cancel()
         self._flush_call = None
-        if not self._lines:
+        if not self._events:
             return
-        text = "\n".join(self._lines)
-        events, self._lines, self._events = self._events, [], []
+        events, self._events = self._events, []
+        text = "\n".join(map(describe, events))
         # The text is the format string: escape the braces a host or label may hold.
-        log.info(text.replace("{", "{{").replace("}", "}}"), distributex_events=events)
+        log.info(text.replace("{", "{{").replace("}", "}}"), distributex_events=[
+            (e.kind, e.pool, e.host, e.label, e.token, e.at) for e in events])

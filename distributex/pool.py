@@ -88,7 +88,8 @@ class Event:
 
 
 class Step:
-    """What one operation did: the caller's hold (if it holds) and the events."""
+    """What one operation did: the caller's hold (granted, renewed, or for a
+    release the one that ended) and the events."""
 
     __slots__ = ("hold", "events")
 
@@ -138,8 +139,9 @@ class Pool:
         return step
 
     def release(self, host: str, now: float) -> Step:
+        """End the host's hold; step.hold is the hold that ended, if there was one."""
         step = self._begin(now)
-        hold = self.state.holders.pop(host, None)
+        hold = step.hold = self.state.holders.pop(host, None)
         if hold is not None:
             step.events.append(self._event(RELEASED, host, hold.label, hold.token, hold.ticket, now))
             self._promote(now, step.events)

@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 import math
 import re
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
-from twisted.internet.defer import CancelledError, TimeoutError
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -43,36 +43,52 @@ class BadRequest(Exception):
         self.reason = reason
 
 
-def _param(request: Request, name: str, required: bool = True) -> Optional[str]:
-    """One parameter as text: present once, and valid (see _text)."""
-    values = request.args.get(name.encode())
+def _param(request: Request, name: bytes, required: bool = True) -> Optional[str]:
+    """One parameter as text: given once, at most 1 KiB, UTF-8, no control characters."""
+    values = request.args.get(name)
+    if values is None:
+        if required:
+            raise BadRequest(400, f"missing parameter '{name.decode()}'")
+        return None
+    if len(values) == 1:
+        raw = values[0]
+        # The common case, checked in C: printable ASCII has no control characters.
+        if raw and len(raw) <= MAX_PARAM_BYTES and raw.isascii():
+            value = raw.decode("ascii")
+            if value.isprintable():
+                return value
+    return _checked_param(name, values, required)
+
+
+def _checked_param(name: bytes, values: Optional[List[bytes]], required: bool) -> Optional[str]:
+    """The slow path of _param: every check, and the reason when one fails."""
     if not values:
         if required:
-            raise BadRequest(400, f"missing parameter '{name}'")
+            raise BadRequest(400, f"missing parameter '{name.decode()}'")
         return None
     if len(values) > 1:
-        raise BadRequest(400, f"parameter '{name}' given more than once")
+        raise BadRequest(400, f"parameter '{name.decode()}' given more than once")
     value = _text(name, values[0])
     if required and not value:
-        raise BadRequest(400, f"parameter '{name}' is empty")
+        raise BadRequest(400, f"parameter '{name.decode()}' is empty")
     return value
 
 
-def _text(name: str, raw: bytes) -> str:
+def _text(name: bytes, raw: bytes) -> str:
     """A parameter value: short, UTF-8, no control characters."""
     if len(raw) > MAX_PARAM_BYTES:
-        raise BadRequest(400, f"parameter '{name}' is longer than {MAX_PARAM_BYTES} bytes")
+        raise BadRequest(400, f"parameter '{name.decode()}' is longer than {MAX_PARAM_BYTES} bytes")
     try:
         value = raw.decode("utf-8")
     except UnicodeDecodeError:
-        raise BadRequest(400, f"parameter '{name}' is not UTF-8") from None
+        raise BadRequest(400, f"parameter '{name.decode()}' is not UTF-8") from None
     if _CONTROL.search(value):
-        raise BadRequest(400, f"parameter '{name}' contains control characters")
+        raise BadRequest(400, f"parameter '{name.decode()}' contains control characters")
     return value
 
 
 def _timeout(request: Request) -> Optional[float]:
-    text = _param(request, "timeout", required=False)
+    text = _param(request, b"timeout", required=False)
     if not text:
         return None
     try:
@@ -86,14 +102,14 @@ def _timeout(request: Request) -> Optional[float]:
 
 def _wants_json(request: Request) -> bool:
     values = request.args.get(b"format")
-    if values:
-        if values[0] == b"json":
-            return True
-        if values[0] == b"text":
-            return False
-        raise BadRequest(400, "parameter 'format' must be 'json' or 'text'")
-    accept = request.getHeader(b"accept")
-    return accept is not None and JSON in accept
+    if values is None:
+        accept = request.getHeader(b"accept")
+        return accept is not None and JSON in accept
+    if values == [b"json"]:
+        return True
+    if values == [b"text"]:
+        return False
+    raise BadRequest(400, "parameter 'format' must be 'json' or 'text'")
 
 
 def _seconds(value: float) -> str:
@@ -107,20 +123,20 @@ def _gone(request: Request) -> bool:
 
 def _send(request: Request, code: int, word: bytes, as_json: bool,
           fields: Optional[Dict[str, Any]] = None, headers: Optional[Dict[bytes, bytes]] = None) -> None:
-    if _gone(request):
+    if request._disconnected or request.finished:  # _gone(request), on the hot path
         return
     if as_json:
         body = {"result": word.decode()}
         if fields:
             body.update(fields)
         data = json.dumps(body).encode()
-        content_type = JSON
+        request.setHeader(b"content-type", JSON)
     else:
         data = word
-        content_type = TEXT
-    request.setResponseCode(code)
-    request.setHeader(b"content-type", content_type)
-    request.setHeader(b"content-length", b"%d" % len(data))
+        request.setHeader(b"content-type", TEXT)
+    if code != 200:  # Twisted's default; setting it costs a little on every answer
+        request.setResponseCode(code)
+    request.setHeader(b"content-length", _LENGTHS.get(data) or b"%d" % len(data))
     if headers:
         for name, value in headers.items():
             request.setHeader(name, value)
@@ -128,6 +144,9 @@ def _send(request: Request, code: int, word: bytes, as_json: bool,
         request.setHeader(b"x-distributex-reason", fields["reason"].encode())
     request.write(data)
     request.finish()
+
+
+_LENGTHS = {word: b"%d" % len(word) for word in (YES, NO, OK, INVALID, ERROR)}
 
 
 class DistributexResource(Resource):
@@ -140,19 +159,16 @@ class DistributexResource(Resource):
         self.backend = backend
         self.pools = pools
         self.reactor = reactor
-        self._routes = {
-            b"/get": self._get,
-            b"/wait": self._wait,
-            b"/release": self._release,
-            b"/status": self._status,
-        }
+        self._expire_headers = {name: _seconds(spec.expire).encode() for name, spec in pools.items()}
+        routes = {b"/get": self._get, b"/wait": self._wait, b"/release": self._release, b"/status": self._status}
+        # The trailing slash is optional: both spellings, looked up as they come.
+        self._routes = {**routes, **{path + b"/": handler for path, handler in routes.items()}}
 
     def render(self, request: Request) -> Any:
         as_json = False
         try:
             as_json = _wants_json(request)
-            path = request.path
-            handler = self._routes.get(path[:-1] if path.endswith(b"/") and len(path) > 1 else path)
+            handler = self._routes.get(request.path)
             if handler is None:
                 raise BadRequest(404, "unknown path")
             if request.method not in METHODS:
@@ -168,7 +184,7 @@ class DistributexResource(Resource):
     # -- endpoints -----------------------------------------------------------
 
     def _pool(self, request: Request, host: Optional[str] = None) -> PoolSpec:
-        name = _param(request, "pool")
+        name = _param(request, b"pool")
         spec = self.pools.get(name)
         if spec is None:
             raise BadRequest(404, f"unknown pool '{name}'")
@@ -177,14 +193,21 @@ class DistributexResource(Resource):
         return spec
 
     def _get(self, request: Request, as_json: bool) -> None:
-        host = _param(request, "host")
+        host = _param(request, b"host")
         spec = self._pool(request, host)
-        label = _param(request, "label", required=False) or ""
-        d = self.backend.get(spec.name, host, label)
-        d.addCallback(self._answer_hold, request, spec, host, as_json)
-        d.addErrback(self._failed, request, as_json)
+        label = _param(request, b"label", required=False) or ""
+        self._reply(self.backend.get(spec.name, host, label), self._answer_hold, request, as_json, spec, host)
 
-    def _answer_hold(self, hold: Any, request: Request, spec: PoolSpec, host: str, as_json: bool) -> None:
+    def _reply(self, result: Any, answer: Callable[..., None], request: Request, as_json: bool,
+               *args: Any) -> None:
+        """answer(result, request, as_json, *args), now or when the backend has answered."""
+        if isinstance(result, Deferred):
+            result.addCallback(answer, request, as_json, *args)
+            result.addErrback(self._failed, request, as_json)
+        else:
+            answer(result, request, as_json, *args)
+
+    def _answer_hold(self, hold: Any, request: Request, as_json: bool, spec: PoolSpec, host: str) -> None:
         if hold is None:
             _send(request, 200, NO, as_json, {"pool": spec.name, "host": host})
         else:
@@ -197,13 +220,13 @@ class DistributexResource(Resource):
                       "expires_in": spec.expire or None}
         _send(request, 200, YES, as_json, fields, {
             b"x-distributex-token": b"%d" % token,
-            b"x-distributex-expire": _seconds(spec.expire).encode(),
+            b"x-distributex-expire": self._expire_headers[spec.name],
         })
 
     def _wait(self, request: Request, as_json: bool) -> None:
-        host = _param(request, "host")
+        host = _param(request, b"host")
         spec = self._pool(request, host)
-        label = _param(request, "label", required=False) or ""
+        label = _param(request, b"label", required=False) or ""
         timeout = _timeout(request)
         waiter = self.backend.wait(spec.name, host, label)
         if timeout is not None:
@@ -226,17 +249,17 @@ class DistributexResource(Resource):
         waiter.addCallbacks(granted, not_granted)
 
     def _release(self, request: Request, as_json: bool) -> None:
-        host = _param(request, "host")
+        host = _param(request, b"host")
         spec = self._pool(request, host)
-        d = self.backend.release(spec.name, host)
-        d.addCallback(lambda released: _send(
-            request, 200, OK, as_json, {"pool": spec.name, "host": host, "released": released}))
-        d.addErrback(self._failed, request, as_json)
+        self._reply(self.backend.release(spec.name, host), self._answer_release, request, as_json, spec, host)
+
+    def _answer_release(self, released: bool, request: Request, as_json: bool, spec: PoolSpec, host: str) -> None:
+        _send(request, 200, OK, as_json, {"pool": spec.name, "host": host, "released": released})
 
     def _status(self, request: Request, as_json: bool) -> None:
         names: List[str] = []
         for raw in request.args.get(b"pool", []):
-            name = _text("pool", raw)
+            name = _text(b"pool", raw)
             if name not in self.pools:
                 raise BadRequest(404, f"unknown pool '{name}'")
             names.append(name)

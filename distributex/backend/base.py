@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import itertools
 import uuid
-from typing import Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
@@ -20,7 +20,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from distributex.config import PoolSpec
-from distributex.pool import GRANTED, RELEASED, RENEWED, Event, Hold, Pool, PoolState, Step, Ticket
+from distributex.pool import GRANTED, RENEWED, Event, Hold, Pool, PoolState, Step, Ticket
 
 Operation = Callable[[Pool, float], Step]
 Observer = Callable[[Event], None]
@@ -54,15 +54,19 @@ class Backend(Service):
         self.observers: List[Observer] = []
 
     # -- the operations the HTTP resource uses --------------------------------
+    # Each answers with a value, or with a Deferred of it when the backend
+    # has to wait for its store (see ``_apply``).
 
-    def get(self, pool: str, host: str, label: str) -> Deferred:
-        """Fire with the caller's Hold if granted or renewed, else None."""
+    def get(self, pool: str, host: str, label: str) -> Any:
+        """The caller's Hold if granted or renewed, else None."""
         server = self.server_id
-        return self._apply(pool, lambda p, now: p.get(host, label, now, server)).addCallback(_hold)
+        step = self._apply(pool, lambda p, now: p.get(host, label, now, server))
+        return step.addCallback(_hold) if isinstance(step, Deferred) else step.hold
 
-    def release(self, pool: str, host: str) -> Deferred:
-        """Fire with True if the host held the pool."""
-        return self._apply(pool, lambda p, now: p.release(host, now)).addCallback(_released, host)
+    def release(self, pool: str, host: str) -> Any:
+        """True if the host held the pool."""
+        step = self._apply(pool, lambda p, now: p.release(host, now))
+        return step.addCallback(_released) if isinstance(step, Deferred) else step.hold is not None
 
     def wait(self, pool: str, host: str, label: str) -> Deferred:
         """Queue for the pool; fire with the granting Event.
@@ -86,7 +90,9 @@ class Backend(Service):
                 # not leave a place in the queue that nobody will answer.
                 self._leave(pool, [ticket_id])
 
-        self._apply(pool, enqueue).addErrback(failed)
+        queued = self._apply(pool, enqueue)
+        if isinstance(queued, Deferred):
+            queued.addErrback(failed)
         return waiter
 
     def status(self, names: Iterable[str]) -> Deferred:
@@ -94,9 +100,8 @@ class Backend(Service):
         results: List[Tuple[PoolSpec, PoolState, float]] = []
         d: Deferred = succeed(None)
         for name in names:
-            def one(_: object, name: str = name) -> Deferred:
-                return self._snapshot(name).addCallback(results.append)
-            d.addCallback(one)
+            d.addCallback(lambda _, name=name: self._snapshot(name))
+            d.addCallback(results.append)
         return d.addCallback(lambda _: results)
 
     def local_waiters(self) -> int:
@@ -104,11 +109,17 @@ class Backend(Service):
 
     # -- what subclasses provide ---------------------------------------------
 
-    def _apply(self, pool: str, operation: Operation) -> Deferred:
+    def _apply(self, pool: str, operation: Operation) -> Any:
+        """Apply one rule to the pool's state; the committed Step, or a Deferred of it.
+
+        It calls ``_dispatch`` on the Step before answering. A backend that
+        changes its state on the reactor thread answers at once: a request
+        then costs no Deferred, and a handoff happens in the same call.
+        """
         raise NotImplementedError
 
-    def _snapshot(self, pool: str) -> Deferred:
-        """Fire with (PoolSpec, PoolState, now) for one pool."""
+    def _snapshot(self, pool: str) -> Any:
+        """(PoolSpec, PoolState, now) for one pool, or a Deferred of it."""
         raise NotImplementedError
 
     # -- shared machinery ----------------------------------------------------
@@ -139,12 +150,13 @@ class Backend(Service):
         if self._forget(ticket_id) is not None and pool is not None:
             self._leave(pool, [ticket_id])
 
-    def _leave(self, pool: str, tickets: List[str]) -> Deferred:
+    def _leave(self, pool: str, tickets: List[str]) -> Any:
         """Take these local tickets out of the pool's queue (or their holds, if granted)."""
-        d = self._apply(pool, lambda p, now: _leave_all(p, tickets, now))
-        d.addCallbacks(lambda _: self._left(tickets), lambda f: self.log.error(
+        left = self._apply(pool, lambda p, now: _leave_all(p, tickets, now))
+        if not isinstance(left, Deferred):
+            return self._left(tickets)
+        return left.addCallbacks(lambda _: self._left(tickets), lambda f: self.log.error(
             "leaving the queue of {pool}: {f.value}", pool=pool, f=f))
-        return d
 
     def _left(self, tickets: List[str]) -> None:
         """The store has taken these tickets out (a hook for shared backends)."""
@@ -172,5 +184,5 @@ def _hold(step: Step) -> Optional[Hold]:
     return step.hold
 
 
-def _released(step: Step, host: str) -> bool:
-    return any(e.kind is RELEASED and e.host == host for e in step.events)
+def _released(step: Step) -> bool:
+    return step.hold is not None

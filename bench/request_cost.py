@@ -1,0 +1,116 @@
+#!/usr/bin/env python3
+"""CPU time per HTTP request, distributex against a bare twisted.web resource,
+in one process with no network: a steadier figure than throughput.py on a
+shared or virtual machine, where the kernel and the neighbours move every
+rate by 15 % or more from one run to the next.
+
+Both resources sit behind a real twisted.web Site and HTTPChannel; the
+requests arrive through an in-memory transport (twisted.internet.testing's
+StringTransport), as keep-alive HTTP/1.1, in interleaved rounds. distributex
+runs its real resource, in-memory backend and event log (the log lines go
+to a file observer writing to /dev/null, as twistd's would to its log).
+The figure is what the server spends per request above the socket calls,
+which throughput.py shows to be the same for both (5 system calls).
+
+    python bench/request_cost.py [--requests 20000] [--rounds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import time
+
+from twisted.internet import reactor
+from twisted.internet.testing import StringTransport
+from twisted.logger import globalLogPublisher, textFileLogObserver
+from twisted.web.resource import Resource
+
+from distributex.backend.memory import InMemoryBackend
+from distributex.config import PoolSpec
+from distributex.eventlog import EventLog
+from distributex.web import DistributexResource, DistributexSite
+
+CLIENTS = 32
+
+
+class Yes(Resource):
+    """bench/baseline_server.py's resource."""
+
+    isLeaf = True
+
+    def render(self, request):
+        request.setHeader(b"content-type", b"text/plain")
+        return b"YES"
+
+
+def channel(site):
+    proto = site.buildProtocol(None)
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    return proto, transport
+
+
+def run(site, event_log, requests: list, n: int) -> float:
+    """Seconds of CPU for n requests, cycling over ``requests`` on 32 keep-alive channels."""
+    channels = [channel(site) for _ in range(CLIENTS)]
+    gc.collect()
+    start = time.process_time()
+    for i in range(n):
+        proto, transport = channels[i % CLIENTS]
+        proto.dataReceived(requests[i % len(requests)])
+        transport.clear()
+        if event_log is not None and i % CLIENTS == CLIENTS - 1:
+            event_log.flush()  # once per "reactor turn" of 32 requests, as under load
+    return time.process_time() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=20000)
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+
+    # Pool events are logged as twistd logs them: formatted, written to a file.
+    devnull = open("/dev/null", "w")
+    globalLogPublisher.addObserver(textFileLogObserver(devnull))
+
+    pools = {f"p{i}": PoolSpec(f"p{i}", expire=300) for i in range(CLIENTS)}
+    backend = InMemoryBackend(pools, reactor)
+    event_log = EventLog(reactor)
+    backend.observers.append(event_log)
+    dx_site = DistributexSite(DistributexResource(backend, pools, reactor))
+    base_site = DistributexSite(Yes())
+
+    def request(path: str) -> bytes:
+        return f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode()
+
+    # Each client its own pool and host: every get a grant, every release a release.
+    dx_requests = []
+    for i in range(CLIENTS):
+        dx_requests.append(request(f"/get/?pool=p{i}&host=client{i}"))
+        dx_requests.append(request(f"/release/?pool=p{i}&host=client{i}"))
+    # Interleave so that client i's get is followed by its release.
+    dx_requests = [dx_requests[2 * (j % CLIENTS) + (j // CLIENTS) % 2] for j in range(2 * CLIENTS)]
+    base_requests = [request(f"/get/?pool=p{i}&host=client{i}") for i in range(CLIENTS)]
+
+    n = args.requests
+    run(base_site, None, base_requests, n // 10)  # warm up both
+    run(dx_site, event_log, dx_requests, n // 10)
+    base, dx = [], []
+    for _ in range(args.rounds):
+        base.append(run(base_site, None, base_requests, n) / n * 1e6)
+        dx.append(run(dx_site, event_log, dx_requests, n) / n * 1e6)
+    b, d = statistics.median(base), statistics.median(dx)
+    print(f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}; {args.rounds} rounds of {n} requests, "
+          f"32 keep-alive channels, in-memory transport")
+    print(f"bare twisted.web resource:  {b:6.1f} us of CPU per request (rounds: "
+          f"{', '.join(f'{x:.1f}' for x in base)})")
+    print(f"distributex get/release:    {d:6.1f} us of CPU per request (rounds: "
+          f"{', '.join(f'{x:.1f}' for x in dx)})")
+    print(f"distributex adds {d - b:.1f} us per request: it serves {100 * b / d:.1f}% of the baseline's rate")
+
+
+if __name__ == "__main__":
+    main()
