@@ -263,3 +263,15 @@ def test_a_holders_second_wait_is_answered_when_another_server_grants(cluster):
     queued(s2, 2)
     s2.call("release", pool="p", host="a")
     assert token(first.result(timeout=3)) == token(second.result(timeout=3))
+
+
+def test_a_waiter_whose_place_memcached_lost_is_served_after_the_lock_delay(cluster, own_memcached):
+    a, b = cluster(pools=[{"name": "p", "expire": 1}], memcache=own_memcached)
+    a.call("get", pool="p", host="holder")
+    waiter = Waiter(b, "waiter")
+    queued(a, 1)
+    own_memcached.kill()
+    own_memcached.start()
+    # Its place went with memcached's data; its server queues it again and
+    # the pool grants it once the lock-delay (one lease) has passed.
+    assert waiter.result(timeout=15).body == b"YES"

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import random
+import socket
 import time
 import uuid
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
@@ -62,6 +63,10 @@ MAX_THREADS = 8
 #: pymemcache connect and read timeout: a memcached that does not answer in
 #: a second is treated as down (ERROR, 503) rather than stalling a request.
 MEMCACHE_TIMEOUT = 1.0
+
+
+class _ConnectionFailed(BackendUnavailable):
+    """A call failed at once (refused, reset, closed): worth one more try."""
 
 
 class _FixedRendezvousHash(RendezvousHash):
@@ -124,6 +129,9 @@ class MemcacheBackend(Backend):
         # Tickets that left locally but whose leave has not reached
         # memcached yet (it was down): retried by the poller.
         self._orphans: Dict[str, str] = {}  # ticket id -> pool
+        # Local tickets seen in their pool's record: if one vanishes without
+        # a grant (memcached lost its data), the poller queues it again.
+        self._queued: Dict[str, Ticket] = {}
         self._polling: Set[str] = set()
         self._poller = LoopingCall(self._poll)
         self._heartbeat = LoopingCall(self._beat)
@@ -185,6 +193,9 @@ class MemcacheBackend(Backend):
     def _committed(self, result: Tuple[Step, PoolState], name: str) -> Tuple[Step, PoolState]:
         step, state = result
         self._dispatch(step)
+        for ticket in state.queue.values():
+            if ticket.server == self.server_id and ticket.id in self._waiting:
+                self._queued[ticket.id] = ticket
         # Grants made through other servers show only in the record: a
         # local waiter whose host now holds the pool, and whose ticket is no
         # longer queued, was granted (or, a second wait of the holder, renewed).
@@ -197,6 +208,10 @@ class MemcacheBackend(Backend):
                         waiter.callback(Event(GRANTED if hold.ticket == ticket_id else RENEWED, name,
                                               host, hold.label, hold.token, ticket_id, hold.granted_at))
         return result
+
+    def _forget(self, ticket_id: str) -> Optional[Deferred]:
+        self._queued.pop(ticket_id, None)
+        return super()._forget(ticket_id)
 
     def _leave(self, pool: str, tickets: List[str]) -> Deferred:
         for ticket_id in tickets:
@@ -212,18 +227,22 @@ class MemcacheBackend(Backend):
     def _call(self, f: Callable, *args: Any, **kwargs: Any) -> Any:
         try:
             return f(*args, **kwargs)
+        except socket.timeout:
+            raise BackendUnavailable(f"memcached did not answer within {MEMCACHE_TIMEOUT:g} s") from None
         except (MemcacheError, OSError) as e:
-            raise BackendUnavailable(f"memcached: {e or type(e).__name__}") from None
+            raise _ConnectionFailed(f"memcached: {e or type(e).__name__}") from None
 
     def _transact(self, name: str, operation: Operation) -> Tuple[Step, PoolState]:
-        try:
-            return self._try_transact(name, operation)
-        except BackendUnavailable:
-            # A pooled connection may be dead from before a memcached restart;
-            # pymemcache reconnects on the next call. Retrying is safe: the
-            # transaction starts again from a fresh read, and applying an
-            # operation whose write did land finds it already done.
-            return self._try_transact(name, operation)
+        # After a memcached restart every pooled connection (one per thread)
+        # is dead, and each fails once, at once, before pymemcache replaces
+        # it. Retrying is safe: the transaction starts again from a fresh
+        # read, and an operation whose write did land finds itself done.
+        for _ in range(MAX_THREADS):
+            try:
+                return self._try_transact(name, operation)
+            except _ConnectionFailed:
+                pass
+        return self._try_transact(name, operation)
 
     def _try_transact(self, name: str, operation: Operation) -> Tuple[Step, PoolState]:
         spec = self.pools[name]
@@ -335,7 +354,8 @@ class MemcacheBackend(Backend):
         for name in (waiting | set(self._orphans.values())) - self._polling:
             self._polling.add(name)
             owed = [t for t, pool in self._orphans.items() if pool == name]
-            d = self._leave(name, owed) if owed else self._apply(name, _tick)
+            mine = [t for t in self._queued.values() if self._tickets.get(t.id, ("",))[0] == name]
+            d = self._leave(name, owed) if owed else self._apply(name, lambda p, now: _requeue(p, mine, now))
             d.addErrback(lambda f, name=name: self.log.error(
                 "polling pool {pool}: {f.value}", pool=name, f=f))
             d.addBoth(lambda _, name=name: self._polling.discard(name))
@@ -343,3 +363,20 @@ class MemcacheBackend(Backend):
 
 def _tick(pool: Pool, now: float) -> Step:
     return pool.tick(now)
+
+
+def _requeue(pool: Pool, tickets: List[Ticket], now: float) -> Step:
+    """Settle the pool, and queue again the local tickets that vanished from it.
+
+    A ticket this server saw queued that is neither queued nor granted any
+    more was lost with memcached's data (or dropped by a server that took
+    this one for dead): its connection still waits, so it queues again, at
+    the back, since the order was lost too.
+    """
+    step = pool.tick(now)
+    for ticket in tickets:
+        hold = pool.state.holders.get(ticket.host)
+        granted = hold is not None and hold.ticket == ticket.id
+        if ticket.id not in pool.state.queue and not granted:
+            step.events += pool.wait(ticket, now).events
+    return step
