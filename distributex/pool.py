@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, List, Optional
+from typing import Callable, List, Optional
 
 from distributex.config import PoolSpec
 from distributex.token import next_token
@@ -183,9 +183,6 @@ class Pool:
         if self.state.queue and self.state.blocked_until:
             deadlines.append(self.state.blocked_until)
         return min(deadlines) if deadlines else None
-
-    def servers_waiting(self) -> Iterable[Optional[str]]:
-        return {t.server for t in self.state.queue.values()}
 
     # -- the rules -----------------------------------------------------------
 
