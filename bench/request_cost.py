@@ -25,24 +25,15 @@ import time
 from twisted.internet import reactor
 from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher, textFileLogObserver
-from twisted.web.resource import Resource
 
 from distributex.backend.memory import InMemoryBackend
 from distributex.config import PoolSpec
 from distributex.eventlog import EventLog
 from distributex.web import DistributexResource, DistributexSite
 
+from baseline_server import Yes  # the throughput baseline's resource
+
 CLIENTS = 32
-
-
-class Yes(Resource):
-    """bench/baseline_server.py's resource."""
-
-    isLeaf = True
-
-    def render(self, request):
-        request.setHeader(b"content-type", b"text/plain")
-        return b"YES"
 
 
 def channel(site):

@@ -221,28 +221,6 @@ def short_file(path: str) -> str:
     return os.path.basename(path)
 
 
-def read_pyspy(path: str) -> Tuple[collections.Counter, collections.Counter, int]:
-    """Self and inclusive sample counts per function from py-spy's raw (collapsed) output."""
-    own: collections.Counter = collections.Counter()
-    incl: collections.Counter = collections.Counter()
-    total = 0
-    with open(path) as f:
-        for line in f:
-            stack, _, count = line.rstrip("\n").rpartition(" ")
-            if not stack:
-                continue
-            n = int(count)
-            total += n
-            frames = []
-            for frame in stack.split(";"):
-                m = FRAME.match(frame)
-                frames.append(f"{m.group('func')} ({short_file(m.group('file'))})" if m else frame)
-            own[frames[-1]] += n
-            for fr in set(frames):
-                incl[fr] += n
-    return own, incl, total
-
-
 #: The reactor's dispatch chain: every sample passes through these, so their
 #: inclusive time says nothing; the inclusive list starts below them.
 DISPATCH = ("_doReadOrWrite", "runUntilCurrent")
