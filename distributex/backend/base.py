@@ -37,8 +37,8 @@ class ShuttingDown(Exception):
 class Backend(Service):
     """Pool operations for the HTTP resource, over some store of PoolStates.
 
-    Subclasses implement ``_apply(name, operation)``, returning a Deferred
-    that fires with the committed Step, after calling ``_dispatch`` on it.
+    Subclasses implement ``_apply(name, operation)`` and ``_snapshot(name)``:
+    where the state lives and how one change to it is made atomic.
     """
 
     log = Logger()
