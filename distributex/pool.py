@@ -115,7 +115,7 @@ class Pool:
 
     def get(self, host: str, label: str, now: float, server: Optional[str] = None) -> Step:
         """Try once: grant if a slot is free and nobody waits; renew a holder."""
-        step = self._begin(now)
+        step = self.tick(now)
         hold = self.state.holders.get(host)
         if hold is not None:
             self._renew(hold, label, now, None, step.events)
@@ -126,7 +126,7 @@ class Pool:
 
     def wait(self, ticket: Ticket, now: float) -> Step:
         """Join the queue; granted at once when nobody is ahead and a slot is free."""
-        step = self._begin(now)
+        step = self.tick(now)
         hold = self.state.holders.get(ticket.host)
         if hold is not None:
             self._renew(hold, ticket.label, now, ticket.id, step.events)
@@ -140,7 +140,7 @@ class Pool:
 
     def release(self, host: str, now: float) -> Step:
         """End the host's hold; step.hold is the hold that ended, if there was one."""
-        step = self._begin(now)
+        step = self.tick(now)
         hold = step.hold = self.state.holders.pop(host, None)
         if hold is not None:
             step.events.append(self._event(RELEASED, host, hold.label, hold.token, hold.ticket, now))
@@ -185,9 +185,6 @@ class Pool:
         return min(deadlines) if deadlines else None
 
     # -- the rules -----------------------------------------------------------
-
-    def _begin(self, now: float) -> Step:
-        return self._settle(Step(), now)
 
     def _settle(self, step: Step, now: float) -> Step:
         """End the holds that are due, then grant queued tickets the free slots."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.interfaces import IReactorTime
@@ -129,19 +129,23 @@ def _send(request: Request, code: int, word: bytes, as_json: bool,
         body = {"result": word.decode()}
         if fields:
             body.update(fields)
-        data = json.dumps(body).encode()
-        request.setHeader(b"content-type", JSON)
+        data, content_type = json.dumps(body).encode(), JSON
     else:
-        data = word
-        request.setHeader(b"content-type", TEXT)
+        data, content_type = word, TEXT
     if code != 200:  # Twisted's default; setting it costs a little on every answer
         request.setResponseCode(code)
-    request.setHeader(b"content-length", _LENGTHS.get(data) or b"%d" % len(data))
     if headers:
         for name, value in headers.items():
             request.setHeader(name, value)
     if code >= 400 and fields and "reason" in fields:
         request.setHeader(b"x-distributex-reason", fields["reason"].encode())
+    _write(request, data, content_type)
+
+
+def _write(request: Request, data: bytes, content_type: bytes) -> None:
+    """The whole body, with its length: no chunked encoding, as in 2014."""
+    request.setHeader(b"content-type", content_type)
+    request.setHeader(b"content-length", _LENGTHS.get(data) or b"%d" % len(data))
     request.write(data)
     request.finish()
 
@@ -192,10 +196,13 @@ class DistributexResource(Resource):
             raise BadRequest(403, f"host '{host}' is not allowed in pool '{name}'")
         return spec
 
-    def _get(self, request: Request, as_json: bool) -> None:
+    def _asker(self, request: Request) -> Tuple[PoolSpec, str, str]:
+        """The pool, host and label of a /get or /wait."""
         host = _param(request, b"host")
-        spec = self._pool(request, host)
-        label = _param(request, b"label", required=False) or ""
+        return self._pool(request, host), host, _param(request, b"label", required=False) or ""
+
+    def _get(self, request: Request, as_json: bool) -> None:
+        spec, host, label = self._asker(request)
         self._reply(self.backend.get(spec.name, host, label), self._answer_hold, request, as_json, spec, host)
 
     def _reply(self, result: Any, answer: Callable[..., None], request: Request, as_json: bool,
@@ -224,9 +231,7 @@ class DistributexResource(Resource):
         })
 
     def _wait(self, request: Request, as_json: bool) -> None:
-        host = _param(request, b"host")
-        spec = self._pool(request, host)
-        label = _param(request, b"label", required=False) or ""
+        spec, host, label = self._asker(request)
         timeout = _timeout(request)
         waiter = self.backend.wait(spec.name, host, label)
         if timeout is not None:
@@ -269,15 +274,9 @@ class DistributexResource(Resource):
             if _gone(request):
                 return
             if as_json:
-                data = json.dumps(status_json(pools)).encode()
-                content_type = JSON
+                _write(request, json.dumps(status_json(pools)).encode(), JSON)
             else:
-                data = status_table(pools).encode()
-                content_type = b"text/plain; charset=utf-8"
-            request.setHeader(b"content-type", content_type)
-            request.setHeader(b"content-length", b"%d" % len(data))
-            request.write(data)
-            request.finish()
+                _write(request, status_table(pools).encode(), b"text/plain; charset=utf-8")
 
         d.addCallback(show)
         d.addErrback(self._failed, request, as_json)

@@ -35,7 +35,7 @@ from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from pymemcache.client.hash import HashClient
 from pymemcache.client.rendezvous import RendezvousHash
-from pymemcache.exceptions import MemcacheError
+from pymemcache.exceptions import MemcacheError, MemcacheUnexpectedCloseError
 from twisted.internet.defer import Deferred, DeferredList, DeferredLock
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
@@ -66,7 +66,7 @@ MEMCACHE_TIMEOUT = 1.0
 
 
 class _ConnectionFailed(BackendUnavailable):
-    """A call failed at once (refused, reset, closed): worth one more try."""
+    """The connection failed at once (refused, reset, closed): worth another try."""
 
 
 class _FixedRendezvousHash(RendezvousHash):
@@ -193,20 +193,21 @@ class MemcacheBackend(Backend):
     def _committed(self, result: Tuple[Step, PoolState], name: str) -> Tuple[Step, PoolState]:
         step, state = result
         self._dispatch(step)
-        for ticket in state.queue.values():
-            if ticket.server == self.server_id and ticket.id in self._waiting:
-                self._queued[ticket.id] = ticket
-        # Grants made through other servers show only in the record: a
-        # local waiter whose host now holds the pool, and whose ticket is no
-        # longer queued, was granted (or, a second wait of the holder, renewed).
-        if self._waiting:
-            for ticket_id, (pool, host) in list(self._tickets.items()):
-                hold = state.holders.get(host)
-                if pool == name and hold is not None and ticket_id not in state.queue:
-                    waiter = self._forget(ticket_id)
-                    if waiter is not None:
-                        waiter.callback(Event(GRANTED if hold.ticket == ticket_id else RENEWED, name,
-                                              host, hold.label, hold.token, ticket_id, hold.granted_at))
+        # Grants made through other servers show only in the record: a local
+        # waiter whose ticket has left the queue while its host holds the pool
+        # was granted (or, a second wait of the holder, renewed).
+        for ticket_id, (pool, host) in list(self._tickets.items()):
+            if pool != name:
+                continue
+            ticket = state.queue.get(ticket_id)
+            if ticket is not None:
+                self._queued[ticket_id] = ticket  # seen queued: see _requeue
+                continue
+            hold = state.holders.get(host)
+            if hold is not None:
+                self._forget(ticket_id).callback(Event(
+                    GRANTED if hold.ticket == ticket_id else RENEWED, name,
+                    host, hold.label, hold.token, ticket_id, hold.granted_at))
         return result
 
     def _forget(self, ticket_id: str) -> Optional[Deferred]:
@@ -229,8 +230,10 @@ class MemcacheBackend(Backend):
             return f(*args, **kwargs)
         except socket.timeout:
             raise BackendUnavailable(f"memcached did not answer within {MEMCACHE_TIMEOUT:g} s") from None
-        except (MemcacheError, OSError) as e:
+        except (OSError, MemcacheUnexpectedCloseError) as e:
             raise _ConnectionFailed(f"memcached: {e or type(e).__name__}") from None
+        except MemcacheError as e:  # an answer, not a lost connection: retrying will not help
+            raise BackendUnavailable(f"memcached: {e or type(e).__name__}") from None
 
     def _transact(self, name: str, operation: Operation) -> Tuple[Step, PoolState]:
         # After a memcached restart every pooled connection (one per thread)
