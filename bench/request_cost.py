@@ -8,11 +8,13 @@ Both resources sit behind a real twisted.web Site and HTTPChannel; the
 requests arrive through an in-memory transport (twisted.internet.testing's
 StringTransport), as keep-alive HTTP/1.1, in interleaved rounds. distributex
 runs its real resource, in-memory backend and event log (the log lines go
-to a file observer writing to /dev/null, as twistd's would to its log).
+to a file observer writing to /dev/null, as twistd's would to its log; the
+event log's clock advances as if ``--rate`` requests arrived per second, so
+it writes as often as it would under that load).
 The figure is what the server spends per request above the socket calls,
 which throughput.py shows to be the same for both (5 system calls).
 
-    python bench/request_cost.py [--requests 20000] [--rounds 5]
+    python bench/request_cost.py [--requests 20000] [--rounds 5] [--rate 10000]
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import statistics
 import time
 
 from twisted.internet import reactor
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher, textFileLogObserver
 
@@ -31,7 +34,7 @@ from distributex.config import PoolSpec
 from distributex.eventlog import EventLog
 from distributex.web import DistributexResource, DistributexSite
 
-from baseline_server import Yes  # the throughput baseline's resource
+from baseline_server import QuietSite, Yes  # the throughput baseline's site and resource
 
 CLIENTS = 32
 
@@ -43,8 +46,12 @@ def channel(site):
     return proto, transport
 
 
-def run(site, event_log, requests: list, n: int) -> float:
-    """Seconds of CPU for n requests, cycling over ``requests`` on 32 keep-alive channels."""
+def run(site, clock, requests: list, n: int, rate: float = 10000) -> float:
+    """Seconds of CPU for n requests, cycling over ``requests`` on 32 keep-alive channels.
+
+    ``clock`` (the event log's) moves on by 32 requests' time at ``rate``
+    requests/s after every 32 requests, a "reactor turn" under load.
+    """
     channels = [channel(site) for _ in range(CLIENTS)]
     gc.collect()
     start = time.process_time()
@@ -52,8 +59,8 @@ def run(site, event_log, requests: list, n: int) -> float:
         proto, transport = channels[i % CLIENTS]
         proto.dataReceived(requests[i % len(requests)])
         transport.clear()
-        if event_log is not None and i % CLIENTS == CLIENTS - 1:
-            event_log.flush()  # once per "reactor turn" of 32 requests, as under load
+        if clock is not None and i % CLIENTS == CLIENTS - 1:
+            clock.advance(CLIENTS / rate)
     return time.process_time() - start
 
 
@@ -61,6 +68,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=20000)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rate", type=float, default=10000,
+                        help="requests/s the event log's clock assumes (default: this machine's rate)")
     args = parser.parse_args()
 
     # Pool events are logged as twistd logs them: formatted, written to a file.
@@ -69,10 +78,10 @@ def main() -> None:
 
     pools = {f"p{i}": PoolSpec(f"p{i}", expire=300) for i in range(CLIENTS)}
     backend = InMemoryBackend(pools, reactor)
-    event_log = EventLog(reactor)
-    backend.observers.append(event_log)
+    clock = Clock()
+    backend.observers.append(EventLog(clock))
     dx_site = DistributexSite(DistributexResource(backend, pools, reactor))
-    base_site = DistributexSite(Yes())
+    base_site = QuietSite(Yes())
 
     def request(path: str) -> bytes:
         return f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode()
@@ -88,11 +97,11 @@ def main() -> None:
 
     n = args.requests
     run(base_site, None, base_requests, n // 10)  # warm up both
-    run(dx_site, event_log, dx_requests, n // 10)
+    run(dx_site, clock, dx_requests, n // 10, args.rate)
     base, dx = [], []
     for _ in range(args.rounds):
         base.append(run(base_site, None, base_requests, n) / n * 1e6)
-        dx.append(run(dx_site, event_log, dx_requests, n) / n * 1e6)
+        dx.append(run(dx_site, clock, dx_requests, n, args.rate) / n * 1e6)
     b, d = statistics.median(base), statistics.median(dx)
     print(f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}; {args.rounds} rounds of {n} requests, "
           f"32 keep-alive channels, in-memory transport")

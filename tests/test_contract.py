@@ -1,6 +1,7 @@
 """CONTRACT.md section 3, over HTTP, against a real `twistd -n distributex`
 on 127.0.0.1, on every backend."""
 
+import email.utils
 import socket
 import time
 import urllib.parse
@@ -118,6 +119,21 @@ def test_the_2014_curl_session_answers_yes_no_ok_yes_ok(start_server, backend):
     assert [(a.status, a.body, a.headers["content-type"]) for a in answers] == [
         (200, b"YES", "text/plain"), (200, b"NO", "text/plain"), (200, b"OK", "text/plain"),
         (200, b"YES", "text/plain"), (200, b"OK", "text/plain")]
+
+
+def test_every_answer_carries_an_http_date_and_the_server_name(start_server, backend):
+    server = start_server(POOL1, backend=backend)
+    for answer in (get(server, "a"), release(server, "a"), http(f"{server.url}/nowhere/", timeout=10)):
+        sent = email.utils.parsedate_to_datetime(answer.headers["date"]).timestamp()
+        assert abs(sent - time.time()) < 5
+        assert answer.headers["server"].startswith("TwistedWeb/")
+
+
+def test_the_date_header_follows_the_clock(start_server, backend):
+    server = start_server(POOL1, backend=backend)
+    first = get(server, "a").headers["date"]
+    time.sleep(1.1)
+    assert get(server, "a").headers["date"] != first
 
 
 # -- headers on YES -----------------------------------------------------------------

@@ -4,13 +4,11 @@ leases that end on time with no request, waits that leave, shutdown."""
 import pytest
 from twisted.internet.defer import CancelledError, TimeoutError
 from twisted.internet.task import Clock
-from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
 from distributex.backend import ShuttingDown
 from distributex.backend.memory import InMemoryBackend
 from distributex.config import PoolSpec
-from distributex.eventlog import EventLog
 from distributex.pool import EXPIRED, GRANTED, LEFT, QUEUED, RELEASED, RENEWED
 
 pytestmark = pytest.mark.timeout(60)
@@ -382,45 +380,6 @@ def test_every_observer_hears_every_event():
     world.get("a")
     world.release("a")
     assert [e.kind for e in other] == [e.kind for e in world.events] == [GRANTED, RELEASED]
-
-
-def test_the_event_log_writes_one_line_per_event_naming_pool_kind_host_token_and_label():
-    world = World()
-    event_log = EventLog(world.clock)
-    world.backend.observers.append(event_log)
-    with capturedLogs() as logs:
-        token = world.get("web3", "nightly backup").token
-        world.clock.advance(0)
-    (entry,) = [e for e in logs if e.get("log_namespace") == "distributex.pool"]
-    assert entry["log_level"] == LogLevel.info
-    assert formatEvent(entry).splitlines() == [
-        f"pool=p granted host=web3 token={token} label='nightly backup'"]
-
-
-def test_the_event_log_writes_the_events_of_one_reactor_turn_together_in_order():
-    world = World()
-    event_log = EventLog(world.clock)
-    world.backend.observers.append(event_log)
-    with capturedLogs() as logs:
-        world.get("a")
-        world.wait("b")
-        world.release("a")
-        world.clock.advance(0)
-    (entry,) = [e for e in logs if e.get("log_namespace") == "distributex.pool"]
-    lines = formatEvent(entry).splitlines()
-    assert [line.split()[1] + " " + line.split()[2] for line in lines] == [
-        "granted host=a", "queued host=b", "released host=a", "granted host=b"]
-
-
-def test_the_event_log_keeps_braces_in_a_label():
-    world = World()
-    event_log = EventLog(world.clock)
-    world.backend.observers.append(event_log)
-    with capturedLogs() as logs:
-        world.get("a", "{weird} label")
-        world.clock.advance(0)
-    (entry,) = [e for e in logs if e.get("log_namespace") == "distributex.pool"]
-    assert "label='{weird} label'" in formatEvent(entry)
 
 
 # -- status -------------------------------------------------------------------------------------
