@@ -27,7 +27,7 @@ import time
 from twisted.internet import reactor
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
-from twisted.logger import globalLogPublisher, textFileLogObserver
+from twisted.logger import globalLogBeginner, textFileLogObserver
 
 from distributex.backend.memory import InMemoryBackend
 from distributex.config import PoolSpec
@@ -73,13 +73,15 @@ def main() -> None:
     args = parser.parse_args()
 
     # Pool events are logged as twistd logs them: formatted, written to a file.
+    # (Beginning to log, as twistd does, also ends the start-up buffer that
+    # would otherwise keep every log event, and the events they carry.)
     devnull = open("/dev/null", "w")
-    globalLogPublisher.addObserver(textFileLogObserver(devnull))
+    globalLogBeginner.beginLoggingTo([textFileLogObserver(devnull)], redirectStandardIO=False)
 
     pools = {f"p{i}": PoolSpec(f"p{i}", expire=300) for i in range(CLIENTS)}
     backend = InMemoryBackend(pools, reactor)
     clock = Clock()
-    backend.observers.append(EventLog(clock))
+    backend.observers.append(EventLog(clock).record)
     dx_site = DistributexSite(DistributexResource(backend, pools, reactor))
     base_site = QuietSite(Yes())
 

@@ -489,7 +489,14 @@ def main() -> int:
             if results[key]:
                 print(f"  {label:<34} {rps(key):7.0f} req/s, {cost(key):4.0f} us of server CPU per "
                       f"request: {100 * rps(key) / b:5.1f}% of baseline")
-        ratio = rps("per-client") / b
+        # Each round measures the baseline and then distributex, seconds
+        # apart: the ratio within a round cancels the slow drifts of a
+        # shared or virtual machine, so the target is judged on its median.
+        paired = [d["rps"] / b_["rps"] for b_, d in zip(results["baseline"], results["per-client"])]
+        ratio = median(paired)
+        if len(paired) > 1:
+            print(f"  paired rounds (pool per client / the baseline of the same round): median "
+                  f"{100 * ratio:.1f}% (rounds: {', '.join(f'{100 * x:.0f}%' for x in paired)})")
         # CPU per request is steadier than req/s when other work shares the
         # machine: at 100 % of a core the rate would be 1 / cost.
         if args.servers == 1:
@@ -498,8 +505,8 @@ def main() -> int:
                   f"baseline's rate")
         in_memory = settings.get("backend", "inmemory") == "inmemory"
         if in_memory:
-            print(f"  target distributex >= 90% of baseline (pool per client): "
-                  f"{'PASS' if ratio >= 0.9 else 'FAIL'} ({100 * ratio:.1f}%)")
+            print(f"  target distributex >= 90% of baseline (pool per client, median of the paired "
+                  f"rounds): {'PASS' if ratio >= 0.9 else 'FAIL'} ({100 * ratio:.1f}%)")
         else:
             print("  (the 90% target is the in-memory backend's; a shared backend adds a store "
                   "round trip per request)")

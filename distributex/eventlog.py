@@ -13,8 +13,8 @@ log format::
     2026-11-23T01:14:28+0000 [distributex.pool#info] pool=pool1 released host=me token=1795396467935064
     	pool=pool1 granted host=w2 token=1795396468775170 label='nightly backup'
 
-The Events themselves ride along in the log event as ``distributex_events``
-for observers that want data rather than text.
+Code that wants the events as data rather than text observes the backend
+itself (Backend.observers), as this log does.
 """
 
 from __future__ import annotations
@@ -40,17 +40,19 @@ def describe(event: Event) -> str:
 
 
 class EventLog:
-    """An observer for Backend.observers that logs every event, in batches."""
+    """Logs every event in batches; ``record`` is its observer for Backend.observers."""
 
     def __init__(self, reactor: IReactorTime, interval: float = FLUSH_INTERVAL) -> None:
         self.reactor = reactor
         self.interval = interval
-        self._events: List[Event] = []
+        # Lines, not Events: strings are not tracked by the garbage
+        # collector, so a batch held for an interval costs it nothing.
+        self._lines: List[str] = []
         self._flush_call: Optional[IDelayedCall] = None
         self._last_flush = float("-inf")
 
-    def __call__(self, event: Event) -> None:
-        self._events.append(event)
+    def record(self, event: Event) -> None:
+        self._lines.append(describe(event))
         if self._flush_call is None:
             delay = self._last_flush + self.interval - self.reactor.seconds()
             self._flush_call = self.reactor.callLater(max(0.0, delay), self.flush)
@@ -59,11 +61,10 @@ class EventLog:
         if self._flush_call is not None and self._flush_call.active():
             self._flush_call.cancel()
         self._flush_call = None
-        if not self._events:
+        if not self._lines:
             return
-        events, self._events = self._events, []
+        lines, self._lines = self._lines, []
         self._last_flush = self.reactor.seconds()
         # The lines are a field, not the format string: twisted.logger's
         # formatter walks a format string in Python, character by character.
-        log.info("{distributex_lines}", distributex_lines="\n".join([describe(e) for e in events]),
-                 distributex_events=events)
+        log.info("{distributex_lines}", distributex_lines="\n".join(lines))

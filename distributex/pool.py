@@ -93,9 +93,9 @@ class Step:
 
     __slots__ = ("hold", "events")
 
-    def __init__(self, hold: Optional[Hold] = None, events: Optional[List[Event]] = None) -> None:
-        self.hold = hold
-        self.events = events if events is not None else []
+    def __init__(self) -> None:
+        self.hold: Optional[Hold] = None
+        self.events: List[Event] = []
 
     @property
     def changed(self) -> bool:
@@ -115,7 +115,7 @@ class Pool:
 
     def get(self, host: str, label: str, now: float, server: Optional[str] = None) -> Step:
         """Try once: grant if a slot is free and nobody waits; renew a holder."""
-        step = self.tick(now)
+        step = self._settle(Step(), now)
         hold = self.state.holders.get(host)
         if hold is not None:
             self._renew(hold, label, now, None, step.events)
@@ -126,7 +126,7 @@ class Pool:
 
     def wait(self, ticket: Ticket, now: float) -> Step:
         """Join the queue; granted at once when nobody is ahead and a slot is free."""
-        step = self.tick(now)
+        step = self._settle(Step(), now)
         hold = self.state.holders.get(ticket.host)
         if hold is not None:
             self._renew(hold, ticket.label, now, ticket.id, step.events)
@@ -135,16 +135,17 @@ class Pool:
             step.hold = self._grant(ticket.host, ticket.label, now, ticket.id, ticket.server, step.events)
         else:
             self.state.queue[ticket.id] = ticket
-            step.events.append(self._event(QUEUED, ticket.host, ticket.label, None, ticket.id, now))
+            step.events.append(Event(QUEUED, self.spec.name, ticket.host, ticket.label, None, ticket.id, now))
         return step
 
     def release(self, host: str, now: float) -> Step:
         """End the host's hold; step.hold is the hold that ended, if there was one."""
-        step = self.tick(now)
+        step = self._settle(Step(), now)
         hold = step.hold = self.state.holders.pop(host, None)
         if hold is not None:
-            step.events.append(self._event(RELEASED, host, hold.label, hold.token, hold.ticket, now))
-            self._promote(now, step.events)
+            step.events.append(Event(RELEASED, self.spec.name, host, hold.label, hold.token, hold.ticket, now))
+            if self.state.queue:
+                self._promote(now, step.events)
         return step
 
     def leave(self, ticket_id: str, now: float) -> Step:
@@ -154,12 +155,13 @@ class Pool:
         step = Step()
         ticket = self.state.queue.pop(ticket_id, None)
         if ticket is not None:
-            step.events.append(self._event(LEFT, ticket.host, ticket.label, None, ticket_id, now))
+            step.events.append(Event(LEFT, self.spec.name, ticket.host, ticket.label, None, ticket_id, now))
         else:
             for hold in self.state.holders.values():
                 if hold.ticket == ticket_id:
                     del self.state.holders[hold.host]
-                    step.events.append(self._event(RELEASED, hold.host, hold.label, hold.token, ticket_id, now))
+                    step.events.append(Event(RELEASED, self.spec.name, hold.host, hold.label, hold.token,
+                                             ticket_id, now))
                     break
         return self._settle(step, now)
 
@@ -172,7 +174,7 @@ class Pool:
         step = Step()
         for ticket in [t for t in self.state.queue.values() if gone(t)]:
             del self.state.queue[ticket.id]
-            step.events.append(self._event(LEFT, ticket.host, ticket.label, None, ticket.id, now))
+            step.events.append(Event(LEFT, self.spec.name, ticket.host, ticket.label, None, ticket.id, now))
         return self._settle(step, now)
 
     # -- queries -------------------------------------------------------------
@@ -190,10 +192,15 @@ class Pool:
         """End the holds that are due, then grant queued tickets the free slots."""
         holders = self.state.holders
         if holders:
-            due = [h for h in holders.values() if h.expires_at is not None and h.expires_at <= now]
+            # A loop, not a comprehension: this runs on every operation.
+            due = []
+            for hold in holders.values():
+                if hold.expires_at is not None and hold.expires_at <= now:
+                    due.append(hold)
             for hold in due:
                 del holders[hold.host]
-                step.events.append(self._event(EXPIRED, hold.host, hold.label, hold.token, hold.ticket, now))
+                step.events.append(Event(EXPIRED, self.spec.name, hold.host, hold.label, hold.token,
+                                         hold.ticket, now))
         if self.state.queue:
             self._promote(now, step.events)
         return step
@@ -224,7 +231,7 @@ class Pool:
         expire = self.spec.expire
         hold = Hold(host, label, token, now, now + expire if expire else None, ticket, server)
         self.state.holders[host] = hold
-        events.append(self._event(GRANTED, host, label, token, ticket, now))
+        events.append(Event(GRANTED, self.spec.name, host, label, token, ticket, now))
         return hold
 
     def _renew(self, hold: Hold, label: str, now: float, ticket: Optional[str], events: List[Event]) -> None:
@@ -232,8 +239,4 @@ class Pool:
             hold.expires_at = now + self.spec.expire
         if label:
             hold.label = label
-        events.append(self._event(RENEWED, hold.host, hold.label, hold.token, ticket, now))
-
-    def _event(self, kind: str, host: str, label: str, token: Optional[int],
-               ticket: Optional[str], now: float) -> Event:
-        return Event(kind, self.spec.name, host, label, token, ticket, now)
+        events.append(Event(RENEWED, self.spec.name, hold.host, hold.label, hold.token, ticket, now))

@@ -113,7 +113,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     event_log = EventLog(reactor)
     top = DistributexService(reactor, event_log)
     backend = make_backend(config, reactor)
-    backend.observers.append(event_log)
+    backend.observers.append(event_log.record)
     backend.setServiceParent(top)
 
     site = DistributexSite(DistributexResource(backend, config.pools, reactor),

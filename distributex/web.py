@@ -10,8 +10,10 @@ from __future__ import annotations
 import json
 import math
 import re
+import tempfile
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from io import BytesIO
+from typing import IO, Any, Callable, Dict, List, Optional, Tuple
 
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.interfaces import IReactorTime
@@ -23,6 +25,7 @@ from twisted.web.server import NOT_DONE_YET, Request, Site, version
 
 from distributex.backend import Backend, BackendUnavailable, ShuttingDown
 from distributex.config import PoolSpec
+from distributex.pool import Hold
 from distributex.status import status_json, status_table
 
 log = Logger()
@@ -124,7 +127,7 @@ def _gone(request: Request) -> bool:
 
 
 def _send(request: Request, code: int, word: bytes, as_json: bool,
-          fields: Optional[Dict[str, Any]] = None, headers: Optional[Dict[bytes, bytes]] = None) -> None:
+          fields: Optional[Dict[str, Any]] = None) -> None:
     if request._disconnected or request.finished:  # _gone(request), on the hot path
         return
     if as_json:
@@ -136,11 +139,8 @@ def _send(request: Request, code: int, word: bytes, as_json: bool,
         data, content_type = word, TEXT
     if code != 200:  # Twisted's default; setting it costs a little on every answer
         request.setResponseCode(code)
-    if headers:
-        for name, value in headers.items():
-            request.setHeader(name, value)
-    if code >= 400 and fields and "reason" in fields:
-        request.setHeader(b"x-distributex-reason", fields["reason"].encode())
+        if fields and "reason" in fields:
+            request.setHeader(b"x-distributex-reason", fields["reason"].encode())
     _write(request, data, content_type)
 
 
@@ -153,6 +153,11 @@ def _write(request: Request, data: bytes, content_type: bytes) -> None:
 
 
 _LENGTHS = {word: b"%d" % len(word) for word in (YES, NO, OK, INVALID, ERROR)}
+
+#: What a backend answers at once: a Hold, None, or True/False; anything
+#: else is a Deferred of one. Tested this way round because
+#: isinstance(x, Deferred) goes through ABCMeta and costs several times more.
+_ANSWERS = (Hold, type(None), bool)
 
 
 class DistributexResource(Resource):
@@ -210,11 +215,11 @@ class DistributexResource(Resource):
     def _reply(self, result: Any, answer: Callable[..., None], request: Request, as_json: bool,
                *args: Any) -> None:
         """answer(result, request, as_json, *args), now or when the backend has answered."""
-        if isinstance(result, Deferred):
+        if isinstance(result, _ANSWERS):
+            answer(result, request, as_json, *args)
+        else:
             result.addCallback(answer, request, as_json, *args)
             result.addErrback(self._failed, request, as_json)
-        else:
-            answer(result, request, as_json, *args)
 
     def _answer_hold(self, hold: Any, request: Request, as_json: bool, spec: PoolSpec, host: str) -> None:
         if hold is None:
@@ -223,14 +228,12 @@ class DistributexResource(Resource):
             self._yes(request, spec, host, hold.token, as_json)
 
     def _yes(self, request: Request, spec: PoolSpec, host: str, token: int, as_json: bool) -> None:
+        request.setHeader(b"x-distributex-token", b"%d" % token)
+        request.setHeader(b"x-distributex-expire", self._expire_headers[spec.name])
         fields = None
         if as_json:
-            fields = {"pool": spec.name, "host": host, "token": token,
-                      "expires_in": spec.expire or None}
-        _send(request, 200, YES, as_json, fields, {
-            b"x-distributex-token": b"%d" % token,
-            b"x-distributex-expire": self._expire_headers[spec.name],
-        })
+            fields = {"pool": spec.name, "host": host, "token": token, "expires_in": spec.expire or None}
+        _send(request, 200, YES, as_json, fields)
 
     def _wait(self, request: Request, as_json: bool) -> None:
         spec, host, label = self._asker(request)
@@ -339,3 +342,12 @@ class DistributexSite(Site):
     def log(self, request: Request) -> None:
         if self.access_log:
             super().log(request)
+
+    def getContentFile(self, length: Optional[int]) -> IO[bytes]:
+        """Where a request's body goes: memory unless it is large or of unknown
+        length, as twisted.web's default. Without this optional hook of
+        Site's, twisted.web raises and catches an AttributeError for every
+        request to find that default."""
+        if length is not None and length < 100_000:
+            return BytesIO()
+        return tempfile.TemporaryFile()

@@ -286,6 +286,21 @@ def test_post_with_a_form_body_works_like_get(start_server, backend):
     assert holders(server) == []
 
 
+def test_post_with_a_chunked_form_body_works_like_get(start_server, backend):
+    server = start_server(POOL1, backend=backend)
+    body = b"pool=pool1&host=a"
+    request = (b"POST /get/ HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+               b"Content-Type: application/x-www-form-urlencoded\r\nTransfer-Encoding: chunked\r\n\r\n"
+               + b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body))
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(request)
+        answer = b""
+        while chunk := sock.recv(4096):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b"\r\n\r\nYES")
+    assert holders(server) == ["a"]
+
+
 def test_post_with_the_query_string_works_like_get(start_server, backend):
     server = start_server(POOL1, backend=backend)
     assert get(server, "a", method="POST").body == b"YES"

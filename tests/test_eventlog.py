@@ -6,7 +6,6 @@ import pytest
 from twisted.logger import LogLevel, capturedLogs, formatEvent
 
 from distributex.eventlog import FLUSH_INTERVAL, EventLog
-from distributex.pool import GRANTED, RELEASED
 from test_memory_backend import World
 
 pytestmark = pytest.mark.timeout(60)
@@ -21,7 +20,7 @@ def logged(world, logs):
 def world():
     world = World()
     world.event_log = EventLog(world.clock)
-    world.backend.observers.append(world.event_log)
+    world.backend.observers.append(world.event_log.record)
     return world
 
 
@@ -74,15 +73,6 @@ def test_a_busy_server_writes_at_most_one_entry_per_interval(world):
     entries = logged(world, logs)
     assert len(entries) == 2
     assert len(entries[1]) == 6  # released, granted three times: all in the second entry
-
-
-def test_the_entry_carries_the_events_as_data(world):
-    with capturedLogs() as logs:
-        world.get("a")
-        world.release("a")
-        world.clock.advance(0)
-    (entry,) = [e for e in logs if e.get("log_namespace") == "distributex.pool"]
-    assert [(e.kind, e.host) for e in entry["distributex_events"]] == [(GRANTED, "a"), (RELEASED, "a")]
 
 
 def test_flush_writes_what_is_pending_at_once(world):

@@ -55,18 +55,20 @@ class Backend(Service):
 
     # -- the operations the HTTP resource uses --------------------------------
     # Each answers with a value, or with a Deferred of it when the backend
-    # has to wait for its store (see ``_apply``).
+    # has to wait for its store (see ``_apply``). The hot paths test for the
+    # value, a plain class: isinstance(x, Deferred) goes through ABCMeta
+    # (Deferred is an Awaitable) and costs several times more.
 
     def get(self, pool: str, host: str, label: str) -> Any:
         """The caller's Hold if granted or renewed, else None."""
         server = self.server_id
         step = self._apply(pool, lambda p, now: p.get(host, label, now, server))
-        return step.addCallback(_hold) if isinstance(step, Deferred) else step.hold
+        return step.hold if isinstance(step, Step) else step.addCallback(_hold)
 
     def release(self, pool: str, host: str) -> Any:
         """True if the host held the pool."""
         step = self._apply(pool, lambda p, now: p.release(host, now))
-        return step.addCallback(_released) if isinstance(step, Deferred) else step.hold is not None
+        return step.hold is not None if isinstance(step, Step) else step.addCallback(_released)
 
     def wait(self, pool: str, host: str, label: str) -> Deferred:
         """Queue for the pool; fire with the granting Event.

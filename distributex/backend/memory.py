@@ -30,8 +30,13 @@ class InMemoryBackend(Backend):
         if now is None:
             now = self.reactor.seconds()
         step = operation(pool, now)
-        self._schedule(name, pool, now)
-        self._dispatch(step)
+        # Here deadlines only move later (renewals, new grants at now +
+        # expire), so a pending timer is due no later than the next deadline.
+        # It may fire early; that tick then sets the next one.
+        if name not in self._timers:
+            self._schedule(name, pool, now)
+        if step.events:
+            self._dispatch(step)
         return step
 
     def _snapshot(self, name: str) -> Tuple[PoolSpec, PoolState, float]:
@@ -41,17 +46,12 @@ class InMemoryBackend(Backend):
         return (pool.spec, pool.state, now)
 
     def _schedule(self, name: str, pool: Pool, now: float) -> None:
-        timer = self._timers.get(name)
-        if timer is not None and timer.active():
-            # Here deadlines only move later (renewals, new grants at now +
-            # expire), so a pending timer is due no later than the next
-            # deadline. It may fire early; the tick then sets the next one.
-            return
         deadline = pool.next_deadline()
         if deadline is not None:
             self._timers[name] = self.reactor.callLater(max(0.0, deadline - now), self._expire, name, deadline)
 
     def _expire(self, name: str, deadline: float) -> None:
+        del self._timers[name]  # fired: _timers holds pending timers only
         # now + (deadline - now) may land a rounding step short of deadline:
         # what was due at the deadline is due when its timer fires.
         self._apply(name, _tick, max(self.reactor.seconds(), deadline))
@@ -60,8 +60,7 @@ class InMemoryBackend(Backend):
         super().stopService()
         self._answer_waiters()
         for timer in self._timers.values():
-            if timer.active():
-                timer.cancel()
+            timer.cancel()
         self._timers.clear()
 
 
