@@ -74,7 +74,7 @@ def main() -> None:
 
     # Pool events are logged as twistd logs them: formatted, written to a file.
     # (Beginning to log, as twistd does, also ends the start-up buffer that
-    # would otherwise keep every log event, and the events they carry.)
+    # would otherwise keep every log event.)
     devnull = open("/dev/null", "w")
     globalLogBeginner.beginLoggingTo([textFileLogObserver(devnull)], redirectStandardIO=False)
 
