@@ -15,7 +15,7 @@ import time
 from io import BytesIO
 from typing import IO, Any, Callable, Dict, List, Optional, Tuple
 
-from twisted.internet.defer import CancelledError, Deferred, TimeoutError
+from twisted.internet.defer import CancelledError, TimeoutError
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
