@@ -26,13 +26,16 @@ DEFAULT_MEMCACHE_PORT = 11211
 #: 100 ms p99 target while costing each such pool only 20 gets a second.
 DEFAULT_POLL_INTERVAL = 0.05
 DEFAULT_NAMESPACE = "distributex"
+#: Beside twistd.pid in the working directory: a restart from the same
+#: place finds its holds again (contract guarantee 6).
+DEFAULT_STATE_FILE = "distributex.state"
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 BACKENDS = ("inmemory", "memcache")
 
 TOP_KEYS = {
     "backend", "memcachehost", "memcacheport", "memcache_servers",
-    "poll_interval", "namespace", "pools",
+    "poll_interval", "namespace", "pools", "state_file", "state_fsync",
 }
 POOL_KEYS = {"name", "expire", "maxlocks", "servers"}
 
@@ -61,6 +64,8 @@ class Config:
     memcache_servers: tuple = ((DEFAULT_MEMCACHE_HOST, DEFAULT_MEMCACHE_PORT),)
     poll_interval: float = DEFAULT_POLL_INTERVAL
     namespace: str = DEFAULT_NAMESPACE
+    state_file: Optional[str] = DEFAULT_STATE_FILE  # None: keep nothing across restarts
+    state_fsync: bool = False
     source: str = "<config>"
 
 
@@ -220,5 +225,16 @@ def _build(data: Any, source: str) -> Config:
             _fail(source, f"pools[{index}].name", f"duplicate pool {spec.name!r}")
         pools[spec.name] = spec
 
+    state_file = data.get("state_file", DEFAULT_STATE_FILE)
+    if state_file is not None and (not isinstance(state_file, str) or not state_file.strip()):
+        _fail(source, "state_file", f"must be a file name, or null to keep nothing, not {state_file!r}")
+    if backend != "inmemory" and "state_file" in data:
+        _fail(source, "state_file", f"only the inmemory backend keeps a state file ({backend} keeps its "
+                                    f"state in its store)")
+    state_fsync = data.get("state_fsync", False)
+    if not isinstance(state_fsync, bool):
+        _fail(source, "state_fsync", f"must be true or false, not {state_fsync!r}")
+
     return Config(pools=pools, backend=backend, memcache_servers=servers,
-                  poll_interval=poll, namespace=namespace, source=source)
+                  poll_interval=poll, namespace=namespace, source=source,
+                  state_file=state_file if backend == "inmemory" else None, state_fsync=state_fsync)

@@ -33,10 +33,11 @@ FLUSH_INTERVAL = 0.1
 
 
 def describe(event: Event) -> str:
-    """The event as one line: pool=... KIND host=... [token=...] [label=...]."""
+    """The event as one line: pool=... KIND host=... [session=...] [token=...] [label=...]."""
+    session = f" session={event.session}" if event.session else ""
     token = "" if event.token is None else f" token={event.token}"
     label = f" label={event.label!r}" if event.label else ""
-    return f"pool={event.pool} {event.kind} host={event.host}{token}{label}"
+    return f"pool={event.pool} {event.kind} host={event.host}{session}{token}{label}"
 
 
 class EventLog:

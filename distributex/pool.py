@@ -9,23 +9,37 @@ compare-and-swap. Both therefore obey exactly the same rules.
 
 The rules:
 
-- at most ``maxlocks`` distinct hosts hold the pool;
+- at most ``maxlocks`` distinct holders hold the pool; a holder is the pair
+  (host, session), where the session is "" for a request that names none
+  (the 2014 behaviour: the host alone);
 - waiters are granted strictly in the order they queued, and a ``get``
   never overtakes a waiter;
 - a hold ends ``expire`` seconds after its grant or its last renewal, and
   every operation first ends the holds that are due;
-- a host that holds and asks again is renewed: same token, one slot;
+- a holder that holds and asks again is renewed: same token, one slot;
 - every new grant takes a token larger than any the pool gave before.
+
+A queued ticket's life: queued (in ``queue``), then granted or renewed
+(it leaves the queue as its holder gets the slot), or left (its connection
+went away, or its server died). On a shared backend the server holding the
+ticket's connection is often not the one that applied the transition, so
+the outcome is kept in ``answers`` until that server takes it: a grant is
+delivered from its own transition, never guessed from what else the record
+holds.
 """
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 from distributex.config import PoolSpec
 from distributex.token import next_token
+
+#: A holder: (host, session); session "" when the request named none.
+HolderKey = Tuple[str, str]
 
 QUEUED = "queued"
 GRANTED = "granted"
@@ -44,6 +58,14 @@ class Hold:
     expires_at: Optional[float]  # None: never expires
     ticket: Optional[str] = None  # the /wait that this hold was granted to
     server: Optional[str] = None  # the distributex server that granted it
+    session: str = ""
+    # Counts the renewals of this grant: with the token it names one
+    # version of the lease, for backends that time leases by observation.
+    renewals: int = 0
+
+    @property
+    def key(self) -> HolderKey:
+        return (self.host, self.session)
 
 
 @dataclass
@@ -55,12 +77,28 @@ class Ticket:
     label: str
     queued_at: float
     server: Optional[str] = None  # the distributex server holding the connection
+    session: str = ""
+
+    @property
+    def key(self) -> HolderKey:
+        return (self.host, self.session)
+
+
+@dataclass
+class Answer:
+    """The outcome of a queued ticket, kept until the server holding its
+    connection delivers it (shared backends only)."""
+
+    kind: str  # GRANTED or RENEWED
+    token: int
+    server: str
 
 
 @dataclass
 class PoolState:
-    holders: dict = field(default_factory=dict)  # host -> Hold
-    queue: OrderedDict = field(default_factory=OrderedDict)  # ticket id -> Ticket, FIFO
+    holders: Dict[HolderKey, Hold] = field(default_factory=dict)
+    queue: "OrderedDict[str, Ticket]" = field(default_factory=OrderedDict)  # ticket id -> Ticket, FIFO
+    answers: Dict[str, Answer] = field(default_factory=dict)  # ticket id -> its undelivered outcome
     last_token: int = 0
     # No grant before this time: set when a shared backend lost the pool's
     # record, so that holders it forgot cannot be joined by new ones.
@@ -70,10 +108,10 @@ class PoolState:
 class Event:
     """Something that happened to a pool, announced to observers."""
 
-    __slots__ = ("kind", "pool", "host", "label", "token", "ticket", "at")
+    __slots__ = ("kind", "pool", "host", "label", "token", "ticket", "at", "session")
 
     def __init__(self, kind: str, pool: str, host: str, label: str,
-                 token: Optional[int], ticket: Optional[str], at: float) -> None:
+                 token: Optional[int], ticket: Optional[str], at: float, session: str = "") -> None:
         self.kind = kind
         self.pool = pool
         self.host = host
@@ -81,9 +119,10 @@ class Event:
         self.token = token
         self.ticket = ticket
         self.at = at
+        self.session = session
 
     def __repr__(self) -> str:
-        return (f"Event({self.kind}, pool={self.pool!r}, host={self.host!r}, "
+        return (f"Event({self.kind}, pool={self.pool!r}, host={self.host!r}, session={self.session!r}, "
                 f"token={self.token}, ticket={self.ticket})")
 
 
@@ -105,45 +144,54 @@ class Step:
 class Pool:
     """The rules of one pool applied to one PoolState."""
 
-    __slots__ = ("spec", "state")
+    __slots__ = ("spec", "state", "wall")
 
-    def __init__(self, spec: PoolSpec, state: Optional[PoolState] = None) -> None:
+    def __init__(self, spec: PoolSpec, state: Optional[PoolState] = None,
+                 wall: Callable[[], float] = time.time) -> None:
         self.spec = spec
         self.state = state if state is not None else PoolState()
+        # Tokens floor at the wall clock (distributex.token); deadlines use
+        # the ``now`` each operation is given, in the backend's own clock.
+        self.wall = wall
 
     # -- operations ----------------------------------------------------------
 
-    def get(self, host: str, label: str, now: float, server: Optional[str] = None) -> Step:
+    def get(self, host: str, label: str, now: float, server: Optional[str] = None,
+            session: str = "") -> Step:
         """Try once: grant if a slot is free and nobody waits; renew a holder."""
         step = self._settle(Step(), now)
-        hold = self.state.holders.get(host)
+        hold = self.state.holders.get((host, session))
         if hold is not None:
             self._renew(hold, label, now, None, step.events)
             step.hold = hold
         elif not self.state.queue and self._has_free_slot(now):
-            step.hold = self._grant(host, label, now, None, server, step.events)
+            step.hold = self._grant(host, session, label, now, None, server, step.events)
         return step
 
     def wait(self, ticket: Ticket, now: float) -> Step:
         """Join the queue; granted at once when nobody is ahead and a slot is free."""
         step = self._settle(Step(), now)
-        hold = self.state.holders.get(ticket.host)
+        hold = self.state.holders.get(ticket.key)
         if hold is not None:
+            # Answered by this step itself: no answer is kept for it.
             self._renew(hold, ticket.label, now, ticket.id, step.events)
             step.hold = hold
         elif not self.state.queue and self._has_free_slot(now):
-            step.hold = self._grant(ticket.host, ticket.label, now, ticket.id, ticket.server, step.events)
+            step.hold = self._grant(ticket.host, ticket.session, ticket.label, now, ticket.id,
+                                    ticket.server, step.events)
         else:
             self.state.queue[ticket.id] = ticket
-            step.events.append(Event(QUEUED, self.spec.name, ticket.host, ticket.label, None, ticket.id, now))
+            step.events.append(Event(QUEUED, self.spec.name, ticket.host, ticket.label, None, ticket.id,
+                                     now, ticket.session))
         return step
 
-    def release(self, host: str, now: float) -> Step:
-        """End the host's hold; step.hold is the hold that ended, if there was one."""
+    def release(self, host: str, now: float, session: str = "") -> Step:
+        """End the holder's hold; step.hold is the hold that ended, if there was one."""
         step = self._settle(Step(), now)
-        hold = step.hold = self.state.holders.pop(host, None)
+        hold = step.hold = self.state.holders.pop((host, session), None)
         if hold is not None:
-            step.events.append(Event(RELEASED, self.spec.name, host, hold.label, hold.token, hold.ticket, now))
+            step.events.append(Event(RELEASED, self.spec.name, host, hold.label, hold.token, hold.ticket,
+                                     now, session))
             if self.state.queue:
                 self._promote(now, step.events)
         return step
@@ -154,14 +202,18 @@ class Pool:
         # slot on its way out (a lease ended and nobody had noticed yet).
         step = Step()
         ticket = self.state.queue.pop(ticket_id, None)
+        answer = self.state.answers.pop(ticket_id, None)
         if ticket is not None:
-            step.events.append(Event(LEFT, self.spec.name, ticket.host, ticket.label, None, ticket_id, now))
-        else:
+            step.events.append(Event(LEFT, self.spec.name, ticket.host, ticket.label, None, ticket_id, now,
+                                     ticket.session))
+        elif answer is None or answer.kind == GRANTED:
+            # A grant nobody was told of is given back; a renewal at the
+            # head of the queue was of a hold granted to another request.
             for hold in self.state.holders.values():
                 if hold.ticket == ticket_id:
-                    del self.state.holders[hold.host]
+                    del self.state.holders[hold.key]
                     step.events.append(Event(RELEASED, self.spec.name, hold.host, hold.label, hold.token,
-                                             ticket_id, now))
+                                             ticket_id, now, hold.session))
                     break
         return self._settle(step, now)
 
@@ -174,8 +226,23 @@ class Pool:
         step = Step()
         for ticket in [t for t in self.state.queue.values() if gone(t)]:
             del self.state.queue[ticket.id]
-            step.events.append(Event(LEFT, self.spec.name, ticket.host, ticket.label, None, ticket.id, now))
+            step.events.append(Event(LEFT, self.spec.name, ticket.host, ticket.label, None, ticket.id, now,
+                                     ticket.session))
         return self._settle(step, now)
+
+    def take_answers(self, server: str) -> Dict[str, Answer]:
+        """Remove and return the outcomes owed to ``server``'s tickets."""
+        answers = self.state.answers
+        mine = {tid: a for tid, a in answers.items() if a.server == server}
+        for tid in mine:
+            del answers[tid]
+        return mine
+
+    def drop_answers(self, gone: Callable[[str], bool]) -> None:
+        """Forget the outcomes owed to servers that ``gone`` says have died."""
+        answers = self.state.answers
+        for tid in [tid for tid, a in answers.items() if gone(a.server)]:
+            del answers[tid]
 
     # -- queries -------------------------------------------------------------
 
@@ -198,9 +265,9 @@ class Pool:
                 if hold.expires_at is not None and hold.expires_at <= now:
                     due.append(hold)
             for hold in due:
-                del holders[hold.host]
+                del holders[hold.key]
                 step.events.append(Event(EXPIRED, self.spec.name, hold.host, hold.label, hold.token,
-                                         hold.ticket, now))
+                                         hold.ticket, now, hold.session))
         if self.state.queue:
             self._promote(now, step.events)
         return step
@@ -213,30 +280,37 @@ class Pool:
         holders = self.state.holders
         while queue:
             ticket = next(iter(queue.values()))
-            hold = holders.get(ticket.host)
+            hold = holders.get(ticket.key)
             if hold is not None:
                 # The holder queued again: re-entrant, its place costs no slot.
                 del queue[ticket.id]
                 self._renew(hold, ticket.label, now, ticket.id, events)
+                kind, token = RENEWED, hold.token
             elif self._has_free_slot(now):
                 del queue[ticket.id]
-                self._grant(ticket.host, ticket.label, now, ticket.id, ticket.server, events)
+                token = self._grant(ticket.host, ticket.session, ticket.label, now, ticket.id,
+                                    ticket.server, events).token
+                kind = GRANTED
             else:
                 break
+            if ticket.server is not None:
+                self.state.answers[ticket.id] = Answer(kind, token, ticket.server)
 
-    def _grant(self, host: str, label: str, now: float, ticket: Optional[str],
+    def _grant(self, host: str, session: str, label: str, now: float, ticket: Optional[str],
                server: Optional[str], events: List[Event]) -> Hold:
-        token = next_token(self.state.last_token, now)
+        token = next_token(self.state.last_token, self.wall())
         self.state.last_token = token
         expire = self.spec.expire
-        hold = Hold(host, label, token, now, now + expire if expire else None, ticket, server)
-        self.state.holders[host] = hold
-        events.append(Event(GRANTED, self.spec.name, host, label, token, ticket, now))
+        hold = Hold(host, label, token, now, now + expire if expire else None, ticket, server, session)
+        self.state.holders[(host, session)] = hold
+        events.append(Event(GRANTED, self.spec.name, host, label, token, ticket, now, session))
         return hold
 
     def _renew(self, hold: Hold, label: str, now: float, ticket: Optional[str], events: List[Event]) -> None:
         if self.spec.expire:
             hold.expires_at = now + self.spec.expire
+        hold.renewals += 1
         if label:
             hold.label = label
-        events.append(Event(RENEWED, self.spec.name, hold.host, hold.label, hold.token, ticket, now))
+        events.append(Event(RENEWED, self.spec.name, hold.host, hold.label, hold.token, ticket, now,
+                            hold.session))

@@ -13,6 +13,7 @@ from twisted.internet.task import deferLater
 from twisted.python import usage
 
 from distributex.backend import make_backend
+from distributex.backend.statefile import StateFileError
 from distributex.config import DEFAULT_PORT, ConfigError, load_config
 from distributex.eventlog import EventLog
 from distributex.web import DistributexResource, DistributexSite
@@ -112,7 +113,10 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
 
     event_log = EventLog(reactor)
     top = DistributexService(reactor, event_log)
-    backend = make_backend(config, reactor)
+    try:
+        backend = make_backend(config, reactor)
+    except StateFileError as e:
+        _stop(str(e))
     backend.observers.append(event_log.record)
     backend.setServiceParent(top)
 

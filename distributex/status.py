@@ -19,6 +19,7 @@ def status_json(pools: Sequence[Snapshot]) -> Dict[str, Any]:
             "expire": spec.expire,
             "holders": [{
                 "host": h.host,
+                "session": h.session or None,
                 "label": h.label,
                 "token": h.token,
                 "held_for": round(now - h.granted_at, 3),
@@ -27,6 +28,7 @@ def status_json(pools: Sequence[Snapshot]) -> Dict[str, Any]:
             "waiters": [{
                 "position": i,
                 "host": t.host,
+                "session": t.session or None,
                 "label": t.label,
                 "waited_for": round(now - t.queued_at, 3),
             } for i, t in enumerate(state.queue.values(), 1)],
@@ -46,21 +48,22 @@ def _duration(seconds: float) -> str:
 
 def status_table(pools: Sequence[Snapshot]) -> str:
     """A fixed-width table, one line per holder and waiter, one per idle pool."""
-    rows: List[Tuple[str, ...]] = [("POOL", "SLOTS", "STATE", "HOST", "TOKEN", "FOR", "EXPIRES IN", "LABEL")]
+    rows: List[Tuple[str, ...]] = [("POOL", "SLOTS", "STATE", "HOST", "SESSION", "TOKEN", "FOR", "EXPIRES IN",
+                                     "LABEL")]
     for spec, state, now in pools:
         slots = f"{len(state.holders)}/{spec.maxlocks}"
         first = True
         for h in sorted(state.holders.values(), key=lambda h: h.token):
             expires = "never" if h.expires_at is None else _duration(max(0.0, h.expires_at - now))
-            rows.append((spec.name if first else "", slots if first else "", "held", h.host,
+            rows.append((spec.name if first else "", slots if first else "", "held", h.host, h.session,
                          str(h.token), _duration(now - h.granted_at), expires, h.label))
             first = False
         for i, t in enumerate(state.queue.values(), 1):
-            rows.append((spec.name if first else "", slots if first else "", f"wait {i}", t.host,
+            rows.append((spec.name if first else "", slots if first else "", f"wait {i}", t.host, t.session,
                          "", _duration(now - t.queued_at), "", t.label))
             first = False
         if first:
-            rows.append((spec.name, slots, "free", "", "", "", "", ""))
+            rows.append((spec.name, slots, "free", "", "", "", "", "", ""))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     return "\n".join(lines) + "\n"

@@ -34,6 +34,8 @@ log = Logger()
 #: and a bound keeps one request from filling the server's memory or logs.
 MAX_PARAM_BYTES = 1024
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+#: A session names one acquisition by a client (contract guarantee 5).
+SESSION_RE = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 
 YES, NO, OK, INVALID, ERROR = b"YES", b"NO", b"OK", b"INVALID", b"ERROR"
 TEXT = b"text/plain"
@@ -115,6 +117,13 @@ def _wants_json(request: Request) -> bool:
     if values == [b"text"]:
         return False
     raise BadRequest(400, "parameter 'format' must be 'json' or 'text'")
+
+
+def _who(spec: PoolSpec, host: str, session: str) -> Dict[str, Any]:
+    """The JSON fields that name a holder: a session only when the request gave one."""
+    if session:
+        return {"pool": spec.name, "host": host, "session": session}
+    return {"pool": spec.name, "host": host}
 
 
 def _seconds(value: float) -> str:
@@ -203,14 +212,22 @@ class DistributexResource(Resource):
             raise BadRequest(403, f"host '{host}' is not allowed in pool '{name}'")
         return spec
 
-    def _asker(self, request: Request) -> Tuple[PoolSpec, str, str]:
-        """The pool, host and label of a /get or /wait."""
+    def _holder(self, request: Request) -> Tuple[PoolSpec, str, str]:
+        """The pool, host and session of a /get, /wait or /release."""
         host = _param(request, b"host")
-        return self._pool(request, host), host, _param(request, b"label", required=False) or ""
+        spec = self._pool(request, host)
+        session = _param(request, b"session", required=False)
+        if session is None:
+            return spec, host, ""  # the 2014 identity: the host alone
+        if not SESSION_RE.fullmatch(session):
+            raise BadRequest(400, "parameter 'session' must match [A-Za-z0-9_.:-]{1,128}")
+        return spec, host, session
 
     def _get(self, request: Request, as_json: bool) -> None:
-        spec, host, label = self._asker(request)
-        self._reply(self.backend.get(spec.name, host, label), self._answer_hold, request, as_json, spec, host)
+        spec, host, session = self._holder(request)
+        label = _param(request, b"label", required=False) or ""
+        self._reply(self.backend.get(spec.name, host, label, session), self._answer_hold, request, as_json,
+                    spec, host, session)
 
     def _reply(self, result: Any, answer: Callable[..., None], request: Request, as_json: bool,
                *args: Any) -> None:
@@ -221,50 +238,53 @@ class DistributexResource(Resource):
             result.addCallback(answer, request, as_json, *args)
             result.addErrback(self._failed, request, as_json)
 
-    def _answer_hold(self, hold: Any, request: Request, as_json: bool, spec: PoolSpec, host: str) -> None:
+    def _answer_hold(self, hold: Any, request: Request, as_json: bool, spec: PoolSpec, host: str,
+                     session: str) -> None:
         if hold is None:
-            _send(request, 200, NO, as_json, {"pool": spec.name, "host": host})
+            _send(request, 200, NO, as_json, _who(spec, host, session))
         else:
-            self._yes(request, spec, host, hold.token, as_json)
+            self._yes(request, spec, host, session, hold.token, as_json)
 
-    def _yes(self, request: Request, spec: PoolSpec, host: str, token: int, as_json: bool) -> None:
+    def _yes(self, request: Request, spec: PoolSpec, host: str, session: str, token: int, as_json: bool) -> None:
         request.setHeader(b"x-distributex-token", b"%d" % token)
         request.setHeader(b"x-distributex-expire", self._expire_headers[spec.name])
         fields = None
         if as_json:
-            fields = {"pool": spec.name, "host": host, "token": token, "expires_in": spec.expire or None}
+            fields = _who(spec, host, session)
+            fields.update(token=token, expires_in=spec.expire or None)
         _send(request, 200, YES, as_json, fields)
 
     def _wait(self, request: Request, as_json: bool) -> None:
-        spec, host, label = self._asker(request)
+        spec, host, session = self._holder(request)
+        label = _param(request, b"label", required=False) or ""
         timeout = _timeout(request)
-        waiter = self.backend.wait(spec.name, host, label)
+        waiter = self.backend.wait(spec.name, host, label, session)
         if timeout is not None:
             waiter.addTimeout(timeout, self.reactor)
         # A client that hangs up leaves the queue at once.
         request.notifyFinish().addErrback(lambda _: waiter.cancel())
 
         def granted(event: Any) -> None:
-            self._yes(request, spec, host, event.token, as_json)
+            self._yes(request, spec, host, session, event.token, as_json)
 
         def not_granted(reason: Failure) -> None:
             if reason.check(TimeoutError):
-                _send(request, 200, NO, as_json, {"pool": spec.name, "host": host, "reason": "timed out"})
+                _send(request, 200, NO, as_json, dict(_who(spec, host, session), reason="timed out"))
             elif reason.check(ShuttingDown):
-                _send(request, 503, NO, as_json, {"pool": spec.name, "host": host,
-                                                   "reason": "server shutting down"})
+                _send(request, 503, NO, as_json, dict(_who(spec, host, session), reason="server shutting down"))
             elif not reason.check(CancelledError):
                 self._failed(reason, request, as_json)
 
         waiter.addCallbacks(granted, not_granted)
 
     def _release(self, request: Request, as_json: bool) -> None:
-        host = _param(request, b"host")
-        spec = self._pool(request, host)
-        self._reply(self.backend.release(spec.name, host), self._answer_release, request, as_json, spec, host)
+        spec, host, session = self._holder(request)
+        self._reply(self.backend.release(spec.name, host, session), self._answer_release, request, as_json,
+                    spec, host, session)
 
-    def _answer_release(self, released: bool, request: Request, as_json: bool, spec: PoolSpec, host: str) -> None:
-        _send(request, 200, OK, as_json, {"pool": spec.name, "host": host, "released": released})
+    def _answer_release(self, released: bool, request: Request, as_json: bool, spec: PoolSpec, host: str,
+                        session: str) -> None:
+        _send(request, 200, OK, as_json, dict(_who(spec, host, session), released=released))
 
     def _status(self, request: Request, as_json: bool) -> None:
         names: List[str] = []

@@ -28,7 +28,8 @@ class World:
     def __init__(self, expire=300.0, maxlocks=1):
         self.clock = Clock()
         self.clock.advance(T0)
-        self.backend = InMemoryBackend({"p": PoolSpec("p", expire=expire, maxlocks=maxlocks)}, self.clock)
+        self.backend = InMemoryBackend({"p": PoolSpec("p", expire=expire, maxlocks=maxlocks)}, self.clock,
+                                       clock=self.clock.seconds)
         self.events = []
         self.backend.observers.append(self.events.append)
         self.backend.startService()
@@ -51,7 +52,7 @@ class World:
         return state
 
     def holders(self):
-        return sorted(self.state().holders)
+        return sorted(host for host, _ in self.state().holders)
 
     def waiters(self):
         return [t.host for t in self.state().queue.values()]

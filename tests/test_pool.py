@@ -41,7 +41,7 @@ def kinds(step):
 
 
 def holders(pool):
-    return sorted(pool.state.holders)
+    return sorted(host if not session else (host, session) for host, session in pool.state.holders)
 
 
 def queue(pool):

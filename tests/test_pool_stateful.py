@@ -51,7 +51,9 @@ pytestmark = pytest.mark.timeout(180)
 
 T0 = 1_700_000_000.0
 # Few hosts, so that the same host often holds and queues again (re-entrancy).
-HOSTS = ["h0", "h1", "h2"]
+# A holder is (host, session): h0 also asks in a session of its own, which
+# must count as another holder.
+HOSTS = [("h0", ""), ("h0", "s"), ("h1", ""), ("h2", "")]
 SERVERS = ["s1", "s2"]
 # Dyadic numbers only, so that every deadline is exact in floating point
 # and "at the deadline" means exactly that. Leases that end within a few
@@ -65,6 +67,10 @@ STEPS = [0.25, 0.5, 1.0, 1.75, 3.0]
 SETTINGS = settings(max_examples=200, stateful_step_count=40, deadline=None,
                     phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.shrink],
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+
+
+def holder(e):
+    return (e.host, e.session)
 
 
 class PoolModel(RuleBasedStateMachine):
@@ -89,37 +95,37 @@ class PoolModel(RuleBasedStateMachine):
         assert e.at == now
         if e.kind == QUEUED:
             assert e.ticket not in self.queue
-            assert e.host not in self.holders, "a holder's /wait must renew, not queue"
+            assert holder(e) not in self.holders, "a holder's /wait must renew, not queue"
             self.queue.append(e.ticket)
-            self.ticket_host[e.ticket] = e.host
+            self.ticket_host[e.ticket] = holder(e)
         elif e.kind == GRANTED:
-            assert e.host not in self.holders, "two holds for one host"
+            assert holder(e) not in self.holders, "two holds for one host"
             assert len(self.holders) < self.maxlocks, "more than maxlocks holders"
             self.take_turn(e)
             assert e.token > self.last_token, "token did not increase"
             self.last_token = e.token
-            self.holders[e.host] = [e.token, now + self.expire if self.expire else None, e.ticket]
+            self.holders[holder(e)] = [e.token, now + self.expire if self.expire else None, e.ticket]
         elif e.kind == RENEWED:
-            assert e.host in self.holders
-            assert e.token == self.holders[e.host][0], "a renewal changed the token"
+            assert holder(e) in self.holders
+            assert e.token == self.holders[holder(e)][0], "a renewal changed the token"
             self.take_turn(e)
             if self.expire:
-                self.holders[e.host][1] = now + self.expire
+                self.holders[holder(e)][1] = now + self.expire
         elif e.kind == RELEASED:
-            assert e.host in self.holders and self.holders[e.host][0] == e.token
-            del self.holders[e.host]
+            assert holder(e) in self.holders and self.holders[holder(e)][0] == e.token
+            del self.holders[holder(e)]
         elif e.kind == EXPIRED:
-            assert e.host in self.holders and self.holders[e.host][0] == e.token
-            deadline = self.holders[e.host][1]
+            assert holder(e) in self.holders and self.holders[holder(e)][0] == e.token
+            deadline = self.holders[holder(e)][1]
             assert deadline is not None and deadline <= now, "a hold expired early"
-            del self.holders[e.host]
+            del self.holders[holder(e)]
         elif e.kind == LEFT:
             assert e.ticket in self.queue
             self.queue.remove(e.ticket)
         else:
             raise AssertionError(f"unknown event {e!r}")
         if e.ticket is not None and e.kind in (GRANTED, RENEWED):
-            self.told_yes.append((e.ticket, e.host, e.token))
+            self.told_yes.append((e.ticket, holder(e), e.token))
             self.granted_tickets.add(e.ticket)
         if e.ticket is not None:
             self.last_ticket = e.ticket
@@ -187,7 +193,7 @@ class RulesMachine(PoolModel):
 
     @rule(host=st.sampled_from(HOSTS))
     def get(self, host):
-        step = self.apply(self.pool.get(host, "", self.time))
+        step = self.apply(self.pool.get(host[0], "", self.time, None, host[1]))
         if step.hold is not None:
             assert self.holders[host][0] == step.hold.token
 
@@ -196,20 +202,20 @@ class RulesMachine(PoolModel):
         self.serial += 1
         tid = f"t{self.serial}"
         self.ticket_server[tid] = server
-        self.apply(self.pool.wait(Ticket(tid, host, "", self.time, server), self.time))
+        self.apply(self.pool.wait(Ticket(tid, host[0], "", self.time, server, host[1]), self.time))
 
     @rule(host=st.sampled_from(HOSTS))
     def release(self, host):
-        self.apply(self.pool.release(host, self.time), releasing=host)
+        self.apply(self.pool.release(host[0], self.time, host[1]), releasing=host)
 
     @precondition(lambda self: self.holders)
     @rule(data=st.data())
     def renew(self, data):
         host = data.draw(st.sampled_from(sorted(self.holders)))
         due = self.holders[host][1] is not None and self.holders[host][1] <= self.time
-        step = self.apply(self.pool.get(host, "", self.time))
+        step = self.apply(self.pool.get(host[0], "", self.time, None, host[1]))
         if not due:
-            assert [e.kind for e in step.events if e.host == host] == [RENEWED]
+            assert [e.kind for e in step.events if holder(e) == host] == [RENEWED]
 
     @precondition(lambda self: self.queue)
     @rule(data=st.data())
@@ -264,7 +270,8 @@ class BackendMachine(PoolModel):
         self.setup_model(maxlocks, expire)
         self.clock = Clock()
         self.clock.advance(T0)
-        self.backend = InMemoryBackend({"p": PoolSpec("p", expire=expire, maxlocks=maxlocks)}, self.clock)
+        self.backend = InMemoryBackend({"p": PoolSpec("p", expire=expire, maxlocks=maxlocks)}, self.clock,
+                                       clock=self.clock.seconds)
         self.backend.observers.append(self.observe)
         self.backend.startService()
         self.waits = {}  # request number -> (host, Deferred), still open
@@ -292,7 +299,7 @@ class BackendMachine(PoolModel):
     @rule(host=st.sampled_from(HOSTS))
     def get(self, host):
         held = host in self.holders
-        hold = self.result(self.backend.get("p", host, ""))
+        hold = self.result(self.backend.get("p", host[0], "", host[1]))
         if held:
             assert hold is not None, "a holder's /get must renew"
         if hold is not None:
@@ -303,7 +310,7 @@ class BackendMachine(PoolModel):
         self.serial += 1
         number = self.serial
         self.last_ticket = None
-        d = self.backend.wait("p", host, "")
+        d = self.backend.wait("p", host[0], "", host[1])
         ticket = self.last_ticket  # queued, granted or renewed: announced at once
         assert ticket is not None
         if timeout is not None:
@@ -320,14 +327,14 @@ class BackendMachine(PoolModel):
     @rule(host=st.sampled_from(HOSTS))
     def release(self, host):
         held = host in self.holders
-        assert self.result(self.backend.release("p", host)) is held
+        assert self.result(self.backend.release("p", host[0], host[1])) is held
 
     @precondition(lambda self: self.holders)
     @rule(data=st.data())
     def renew(self, data):
         host = data.draw(st.sampled_from(sorted(self.holders)))
         token = self.holders[host][0]
-        hold = self.result(self.backend.get("p", host, ""))
+        hold = self.result(self.backend.get("p", host[0], "", host[1]))
         assert hold is not None and hold.token == token
         if self.expire:
             assert hold.expires_at == self.clock.seconds() + self.expire
@@ -369,7 +376,7 @@ class BackendMachine(PoolModel):
                 assert ticket not in self.granted_tickets, "a /wait was granted as it left"
             else:
                 assert result.kind in (GRANTED, RENEWED)
-                assert result.host == host, "a grant answered another host's /wait"
+                assert holder(result) == host, "a grant answered another host's /wait"
                 assert result.token == token, "a /wait was answered with a token it does not hold"
 
     def teardown(self):

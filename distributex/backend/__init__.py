@@ -1,5 +1,7 @@
 """Where pool states live: in this process, or in memcached shared by several servers."""
 
+import time
+
 from distributex.backend.base import Backend, BackendUnavailable, ShuttingDown
 
 __all__ = ["Backend", "BackendUnavailable", "ShuttingDown", "make_backend"]
@@ -10,5 +12,11 @@ def make_backend(config, reactor) -> Backend:
     if config.backend == "memcache":
         from distributex.backend.memcache import MemcacheBackend
         return MemcacheBackend(config, reactor)
-    from distributex.backend.memory import InMemoryBackend
-    return InMemoryBackend(config.pools, reactor)
+    from distributex.backend.memory import InMemoryBackend, monotonic_clock
+    from distributex.backend.statefile import StateFile
+
+    clock = monotonic_clock()
+    state_file = None
+    if config.state_file is not None:
+        state_file = StateFile(config.state_file, clock, time.time, fsync=config.state_fsync)
+    return InMemoryBackend(config.pools, reactor, clock, state_file)

@@ -25,6 +25,35 @@ from distributex.pool import GRANTED, RENEWED, Event, Hold, Pool, PoolState, Ste
 Operation = Callable[[Pool, float], Step]
 Observer = Callable[[Event], None]
 
+# The life of a local ticket (one open /wait on this server), owned by the
+# backend and changed on the reactor thread only:
+#: the /wait arrived; its enqueue has not been committed yet;
+REGISTERED = "registered"
+#: the store holds it in the pool's queue;
+QUEUED = "queued"
+#: its grant (or renewal) was delivered to the connection: final;
+ANSWERED = "answered"
+#: it left: cancelled (timeout, hang-up), failed, or shut down: final.
+LEFT = "left"
+
+
+class LocalTicket:
+    """An open /wait of this server: its place in a pool and its connection."""
+
+    __slots__ = ("id", "pool", "host", "session", "waiter", "state")
+
+    def __init__(self, id: str, pool: str, host: str, session: str, waiter: Deferred) -> None:
+        self.id = id
+        self.pool = pool
+        self.host = host
+        self.session = session
+        self.waiter = waiter
+        self.state = REGISTERED
+
+    @property
+    def open(self) -> bool:
+        return self.state is REGISTERED or self.state is QUEUED
+
 
 class BackendUnavailable(Exception):
     """The shared state cannot be reached; nothing was granted or lost."""
@@ -43,14 +72,18 @@ class Backend(Service):
 
     log = Logger()
 
+    #: Whether other servers share the state: tickets and holds then name
+    #: this server, and queued tickets' outcomes are kept in the state
+    #: until this server delivers them (PoolState.answers).
+    shared = False
+
     def __init__(self, pools: Dict[str, PoolSpec], reactor: IReactorTime) -> None:
         self.pools = pools
         self.reactor = reactor
         # Names tickets uniquely across every server sharing one store.
         self.server_id = uuid.uuid4().hex[:12]
         self._ticket_ids = itertools.count(1)
-        self._waiting: Dict[str, Deferred] = {}  # ticket id -> the /wait's Deferred
-        self._tickets: Dict[str, Tuple[str, str]] = {}  # ticket id -> (pool, host)
+        self._tickets: Dict[str, LocalTicket] = {}  # the open ones only
         self.observers: List[Observer] = []
 
     # -- the operations the HTTP resource uses --------------------------------
@@ -59,18 +92,18 @@ class Backend(Service):
     # value, a plain class: isinstance(x, Deferred) goes through ABCMeta
     # (Deferred is an Awaitable) and costs several times more.
 
-    def get(self, pool: str, host: str, label: str) -> Any:
+    def get(self, pool: str, host: str, label: str, session: str = "") -> Any:
         """The caller's Hold if granted or renewed, else None."""
-        server = self.server_id
-        step = self._apply(pool, lambda p, now: p.get(host, label, now, server))
+        server = self.server_id if self.shared else None
+        step = self._apply(pool, lambda p, now: p.get(host, label, now, server, session))
         return step.hold if isinstance(step, Step) else step.addCallback(_hold)
 
-    def release(self, pool: str, host: str) -> Any:
-        """True if the host held the pool."""
-        step = self._apply(pool, lambda p, now: p.release(host, now))
+    def release(self, pool: str, host: str, session: str = "") -> Any:
+        """True if the holder (host, session) held the pool."""
+        step = self._apply(pool, lambda p, now: p.release(host, now, session))
         return step.hold is not None if isinstance(step, Step) else step.addCallback(_released)
 
-    def wait(self, pool: str, host: str, label: str) -> Deferred:
+    def wait(self, pool: str, host: str, label: str, session: str = "") -> Deferred:
         """Queue for the pool; fire with the granting Event.
 
         Cancelling the Deferred (a timeout, a dropped connection) leaves the
@@ -78,15 +111,20 @@ class Backend(Service):
         """
         ticket_id = f"{self.server_id}.{next(self._ticket_ids)}"
         waiter = Deferred(lambda _: self._abandon(ticket_id))
-        self._waiting[ticket_id] = waiter
-        self._tickets[ticket_id] = (pool, host)
-        server = self.server_id
+        local = self._tickets[ticket_id] = LocalTicket(ticket_id, pool, host, session, waiter)
+        server = self.server_id if self.shared else None
 
         def enqueue(p: Pool, now: float) -> Step:
-            return p.wait(Ticket(ticket_id, host, label, now, server), now)
+            return p.wait(Ticket(ticket_id, host, label, now, server, session), now)
+
+        def enqueued(step: Step) -> Step:
+            # Its own step answered it (_dispatch), or it is now queued.
+            if local.state is REGISTERED:
+                local.state = QUEUED
+            return step
 
         def failed(reason: Failure) -> None:
-            if self._forget(ticket_id) is not None:
+            if self._close(ticket_id, LEFT) is not None:
                 waiter.errback(reason)
                 # The store may have taken the ticket before the error: do
                 # not leave a place in the queue that nobody will answer.
@@ -94,7 +132,9 @@ class Backend(Service):
 
         queued = self._apply(pool, enqueue)
         if isinstance(queued, Deferred):
-            queued.addErrback(failed)
+            queued.addCallbacks(enqueued, failed)
+        else:
+            enqueued(queued)
         return waiter
 
     def status(self, names: Iterable[str]) -> Deferred:
@@ -107,7 +147,7 @@ class Backend(Service):
         return d.addCallback(lambda _: results)
 
     def local_waiters(self) -> int:
-        return len(self._waiting)
+        return len(self._tickets)
 
     # -- what subclasses provide ---------------------------------------------
 
@@ -139,18 +179,27 @@ class Backend(Service):
                 observer(event)
         for event in events:
             if event.ticket is not None and (event.kind is GRANTED or event.kind is RENEWED):
-                waiter = self._forget(event.ticket)
-                if waiter is not None:
-                    waiter.callback(event)
+                self._deliver(event.ticket, event)
 
-    def _forget(self, ticket_id: str) -> Optional[Deferred]:
-        self._tickets.pop(ticket_id, None)
-        return self._waiting.pop(ticket_id, None)
+    def _deliver(self, ticket_id: str, event: Event) -> None:
+        """The ticket's own grant or renewal: answer its /wait, once."""
+        waiter = self._close(ticket_id, ANSWERED)
+        if waiter is not None:
+            waiter.callback(event)
+
+    def _close(self, ticket_id: str, state: str) -> Optional[Deferred]:
+        """End an open local ticket's life in ``state``; its Deferred, or None
+        if it was not open (a ticket is answered or leaves only once)."""
+        local = self._tickets.pop(ticket_id, None)
+        if local is None:
+            return None
+        local.state = state
+        return local.waiter
 
     def _abandon(self, ticket_id: str) -> None:
-        pool, _ = self._tickets.get(ticket_id, (None, None))
-        if self._forget(ticket_id) is not None and pool is not None:
-            self._leave(pool, [ticket_id])
+        local = self._tickets.get(ticket_id)
+        if local is not None and self._close(ticket_id, LEFT) is not None:
+            self._leave(local.pool, [ticket_id])
 
     def _leave(self, pool: str, tickets: List[str]) -> Any:
         """Take these local tickets out of the pool's queue (or their holds, if granted)."""
@@ -166,10 +215,9 @@ class Backend(Service):
     def _answer_waiters(self) -> Dict[str, List[str]]:
         """Answer every local waiter with ShuttingDown; return their tickets by pool."""
         by_pool: Dict[str, List[str]] = {}
-        for ticket_id in list(self._waiting):
-            pool, _ = self._tickets[ticket_id]
-            by_pool.setdefault(pool, []).append(ticket_id)
-            waiter = self._forget(ticket_id)
+        for ticket_id, local in list(self._tickets.items()):
+            by_pool.setdefault(local.pool, []).append(ticket_id)
+            waiter = self._close(ticket_id, LEFT)
             if waiter is not None:
                 waiter.errback(ShuttingDown())
         return by_pool

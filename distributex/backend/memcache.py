@@ -44,7 +44,7 @@ from twisted.python.threadpool import ThreadPool
 
 from distributex.backend.base import Backend, BackendUnavailable, Operation
 from distributex.config import DEFAULT_EXPIRE, Config, PoolSpec
-from distributex.pool import GRANTED, RENEWED, Event, Hold, Pool, PoolState, Step, Ticket
+from distributex.pool import GRANTED, RENEWED, Answer, Event, Hold, Pool, PoolState, Step, Ticket
 
 #: A server refreshes its presence key this often ...
 PRESENCE_REFRESH = 1.0
@@ -93,9 +93,10 @@ def make_client(servers: Tuple[Tuple[str, int], ...]) -> HashClient:
 
 def encode(state: PoolState) -> bytes:
     return json.dumps({
-        "h": [[h.host, h.label, h.token, h.granted_at, h.expires_at, h.ticket, h.server]
+        "h": [[h.host, h.label, h.token, h.granted_at, h.expires_at, h.ticket, h.server, h.session, h.renewals]
               for h in state.holders.values()],
-        "q": [[t.id, t.host, t.label, t.queued_at, t.server] for t in state.queue.values()],
+        "q": [[t.id, t.host, t.label, t.queued_at, t.server, t.session] for t in state.queue.values()],
+        "a": {tid: [a.kind, a.token, a.server] for tid, a in state.answers.items()},
         "t": state.last_token,
         "b": state.blocked_until,
     }, separators=(",", ":")).encode()
@@ -105,13 +106,18 @@ def decode(raw: bytes) -> PoolState:
     data = json.loads(raw)
     state = PoolState(last_token=data["t"], blocked_until=data["b"])
     for h in data["h"]:
-        state.holders[h[0]] = Hold(*h)
+        hold = Hold(*h)
+        state.holders[hold.key] = hold
     for t in data["q"]:
         state.queue[t[0]] = Ticket(*t)
+    for tid, a in data.get("a", {}).items():
+        state.answers[tid] = Answer(*a)
     return state
 
 
 class MemcacheBackend(Backend):
+    shared = True
+
     def __init__(self, config: Config, reactor: IReactorTime, client: Any = None) -> None:
         super().__init__(config.pools, reactor)
         self.namespace = config.namespace
@@ -190,29 +196,27 @@ class MemcacheBackend(Backend):
         return self._run(name, _tick).addCallback(
             lambda result: (self.pools[name], result[1], self.reactor.seconds()))
 
-    def _committed(self, result: Tuple[Step, PoolState], name: str) -> Tuple[Step, PoolState]:
-        step, state = result
+    def _committed(self, result: Tuple[Step, PoolState, Dict[str, Answer]], name: str
+                   ) -> Tuple[Step, PoolState, Dict[str, Answer]]:
+        step, state, answers = result
         self._dispatch(step)
-        # Grants made through other servers show only in the record: a local
-        # waiter whose ticket has left the queue while its host holds the pool
-        # was granted (or, a second wait of the holder, renewed).
-        for ticket_id, (pool, host) in list(self._tickets.items()):
-            if pool != name:
-                continue
-            ticket = state.queue.get(ticket_id)
-            if ticket is not None:
-                self._queued[ticket_id] = ticket  # seen queued: see _requeue
-                continue
-            hold = state.holders.get(host)
-            if hold is not None:
-                self._forget(ticket_id).callback(Event(
-                    GRANTED if hold.ticket == ticket_id else RENEWED, name,
-                    host, hold.label, hold.token, ticket_id, hold.granted_at))
+        # Grants that other servers made to our tickets: the transaction took
+        # their outcomes out of the record, so each is delivered once, here.
+        for ticket_id, answer in answers.items():
+            local = self._tickets.get(ticket_id)
+            if local is not None:
+                self._deliver(ticket_id, Event(answer.kind, name, local.host, "", answer.token,
+                                               ticket_id, self.reactor.seconds(), local.session))
+        for ticket_id, local in self._tickets.items():
+            if local.pool == name:
+                ticket = state.queue.get(ticket_id)
+                if ticket is not None:
+                    self._queued[ticket_id] = ticket  # seen queued: see _requeue
         return result
 
-    def _forget(self, ticket_id: str) -> Optional[Deferred]:
+    def _close(self, ticket_id: str, state: str) -> Optional[Deferred]:
         self._queued.pop(ticket_id, None)
-        return super()._forget(ticket_id)
+        return super()._close(ticket_id, state)
 
     def _leave(self, pool: str, tickets: List[str]) -> Deferred:
         for ticket_id in tickets:
@@ -235,7 +239,7 @@ class MemcacheBackend(Backend):
         except MemcacheError as e:  # an answer, not a lost connection: retrying will not help
             raise BackendUnavailable(f"memcached: {e or type(e).__name__}") from None
 
-    def _transact(self, name: str, operation: Operation) -> Tuple[Step, PoolState]:
+    def _transact(self, name: str, operation: Operation) -> Tuple[Step, PoolState, Dict[str, Answer]]:
         # After a memcached restart every pooled connection (one per thread)
         # is dead, and each fails once, at once, before pymemcache replaces
         # it. Retrying is safe: the transaction starts again from a fresh
@@ -247,7 +251,7 @@ class MemcacheBackend(Backend):
                 pass
         return self._try_transact(name, operation)
 
-    def _try_transact(self, name: str, operation: Operation) -> Tuple[Step, PoolState]:
+    def _try_transact(self, name: str, operation: Operation) -> Tuple[Step, PoolState, Dict[str, Answer]]:
         spec = self.pools[name]
         key = self._pool_key(name)
         for attempt in range(MAX_CAS_ATTEMPTS):
@@ -264,9 +268,10 @@ class MemcacheBackend(Backend):
             pruned = self._prune(pool, now)
             step = operation(pool, now)
             step.events[:0] = pruned
-            if not step.events and (raw is not None or not state.blocked_until):
+            answers = pool.take_answers(self.server_id)
+            if not step.events and not answers and (raw is not None or not state.blocked_until):
                 self._note(name, state)
-                return step, state  # nothing to write
+                return step, state, answers  # nothing to write
             data = encode(state)
             if raw is None:
                 stored = self._call(self.client.add, key, data, noreply=False)
@@ -274,7 +279,7 @@ class MemcacheBackend(Backend):
                 stored = self._call(self.client.cas, key, data, cas, noreply=False)
             if stored:
                 self._note(name, state)
-                return step, state
+                return step, state, answers
             time.sleep(random.uniform(0, CAS_BACKOFF * 2 ** attempt))
         raise BackendUnavailable(f"pool {name!r}: too much contention ({MAX_CAS_ATTEMPTS} CAS conflicts)")
 
@@ -353,11 +358,11 @@ class MemcacheBackend(Backend):
     def _poll(self) -> None:
         """Re-read the pools where local connections wait (grants by other
         servers, expiries, dead servers' tickets) or where a leave is owed."""
-        waiting = {pool for pool, _ in self._tickets.values()}
+        waiting = {local.pool for local in self._tickets.values()}
         for name in (waiting | set(self._orphans.values())) - self._polling:
             self._polling.add(name)
             owed = [t for t, pool in self._orphans.items() if pool == name]
-            mine = [t for t in self._queued.values() if self._tickets.get(t.id, ("",))[0] == name]
+            mine = [t for t in self._queued.values() if t.id in self._tickets and self._tickets[t.id].pool == name]
             d = self._leave(name, owed) if owed else self._apply(name, lambda p, now: _requeue(p, mine, now))
             d.addErrback(lambda f, name=name: self.log.error(
                 "polling pool {pool}: {f.value}", pool=name, f=f))
@@ -378,8 +383,6 @@ def _requeue(pool: Pool, tickets: List[Ticket], now: float) -> Step:
     """
     step = pool.tick(now)
     for ticket in tickets:
-        hold = pool.state.holders.get(ticket.host)
-        granted = hold is not None and hold.ticket == ticket.id
-        if ticket.id not in pool.state.queue and not granted:
+        if ticket.id not in pool.state.queue and ticket.id not in pool.state.answers:
             step.events += pool.wait(ticket, now).events
     return step

@@ -2,13 +2,33 @@
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+import time
+from typing import Callable, Dict, Optional, Tuple
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 from distributex.backend.base import Backend, Operation
+from distributex.backend.statefile import StateFile
 from distributex.config import PoolSpec
 from distributex.pool import Pool, PoolState, Step
+
+
+#: How far short of its deadline a timer that fired on time can find the
+#: clock: float rounding of now + delay, far below any clock's resolution.
+TIMER_ROUNDING = 1e-6
+
+
+def monotonic_clock() -> Callable[[], float]:
+    """The clock of in-process deadlines: CLOCK_BOOTTIME where there is one.
+
+    Monotonic, so that a step of the wall clock neither ends a lease early
+    nor stretches it; and, unlike CLOCK_MONOTONIC, it counts a suspend,
+    during which the holders on other machines kept running.
+    """
+    boottime = getattr(time, "CLOCK_BOOTTIME", None)
+    if boottime is None:
+        return time.monotonic
+    return lambda: time.clock_gettime(boottime)
 
 
 class InMemoryBackend(Backend):
@@ -18,17 +38,36 @@ class InMemoryBackend(Backend):
     hands the slot to the next waiter in the same call. Each pool has one
     timer, set for its earliest lease deadline, so a hold ends on time with
     no request to notice it.
+
+    Deadlines run on ``clock`` (default: :func:`monotonic_clock`); the
+    reactor only schedules the timers. With a ``state_file`` every durable
+    change is written to it before the operation answers (see
+    distributex.backend.statefile), and the holds it keeps are back after a
+    restart.
     """
 
-    def __init__(self, pools: Dict[str, PoolSpec], reactor: IReactorTime) -> None:
+    def __init__(self, pools: Dict[str, PoolSpec], reactor: IReactorTime,
+                 clock: Optional[Callable[[], float]] = None, state_file: Optional[StateFile] = None,
+                 wall: Callable[[], float] = time.time) -> None:
         super().__init__(pools, reactor)
-        self._pools = {name: Pool(spec) for name, spec in pools.items()}
+        self.clock = clock if clock is not None else monotonic_clock()
+        self.state_file = state_file
+        states = state_file.load(pools) if state_file is not None else {}
+        self._pools = {name: Pool(spec, states.get(name), wall) for name, spec in pools.items()}
         self._timers: Dict[str, IDelayedCall] = {}
+        if state_file is not None:
+            state_file.open(pools, self._states())
+
+    def startService(self) -> None:
+        super().startService()
+        for name, pool in self._pools.items():
+            if pool.state.holders:
+                self._schedule(name, pool, self.clock())
 
     def _apply(self, name: str, operation: Operation, now: Optional[float] = None) -> Step:
         pool = self._pools[name]
         if now is None:
-            now = self.reactor.seconds()
+            now = self.clock()
         step = operation(pool, now)
         # Here deadlines only move later (renewals, new grants at now +
         # expire), so a pending timer is due no later than the next deadline.
@@ -36,12 +75,20 @@ class InMemoryBackend(Backend):
         if name not in self._timers:
             self._schedule(name, pool, now)
         if step.events:
+            if self.state_file is not None:
+                # Before anyone is told: a grant answered is a grant kept.
+                self.state_file.record(pool.spec, step.events, pool.state)
+                if self.state_file.needs_compaction():
+                    self.state_file.compact(self.pools, self._states())
             self._dispatch(step)
         return step
 
+    def _states(self) -> Dict[str, PoolState]:
+        return {name: pool.state for name, pool in self._pools.items()}
+
     def _snapshot(self, name: str) -> Tuple[PoolSpec, PoolState, float]:
         pool = self._pools[name]
-        now = self.reactor.seconds()
+        now = self.clock()
         self._apply(name, _tick, now)
         return (pool.spec, pool.state, now)
 
@@ -52,9 +99,14 @@ class InMemoryBackend(Backend):
 
     def _expire(self, name: str, deadline: float) -> None:
         del self._timers[name]  # fired: _timers holds pending timers only
-        # now + (deadline - now) may land a rounding step short of deadline:
-        # what was due at the deadline is due when its timer fires.
-        self._apply(name, _tick, max(self.reactor.seconds(), deadline))
+        # The reactor's timers run on the wall clock, ours on a monotonic
+        # one: a timer that fires early (the wall clock jumped ahead) finds
+        # nothing due and sets the next. One that fires on time may land a
+        # rounding step short of its deadline: what was due then is due now.
+        now = self.clock()
+        if 0 < deadline - now < TIMER_ROUNDING:
+            now = deadline
+        self._apply(name, _tick, now)
 
     def stopService(self) -> None:
         super().stopService()
@@ -62,6 +114,8 @@ class InMemoryBackend(Backend):
         for timer in self._timers.values():
             timer.cancel()
         self._timers.clear()
+        if self.state_file is not None:
+            self.state_file.close()
 
 
 def _tick(pool: Pool, now: float) -> Step:
