@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import socket
 import tempfile
 import time
 from io import BytesIO
@@ -19,7 +20,7 @@ from twisted.internet.defer import CancelledError, TimeoutError
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.http import datetimeToString
+from twisted.web.http import HTTPChannel, datetimeToString
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site, version
 
@@ -258,6 +259,7 @@ class DistributexResource(Resource):
         spec, host, session = self._holder(request)
         label = _param(request, b"label", required=False) or ""
         timeout = _timeout(request)
+        request.long_poll = True  # see DistributexChannel
         waiter = self.backend.wait(spec.name, host, label, session)
         if timeout is not None:
             waiter.addTimeout(timeout, self.reactor)
@@ -317,12 +319,16 @@ class DistributexResource(Resource):
 class DistributexRequest(Request):
     """A Request that goes straight to the site's one resource.
 
+    ``long_poll`` is true for a /wait: an answer that may take any time.
+
     twisted.web's own ``process`` splits and unquotes the path, walks the
     resource tree and formats the Date header, which together cost about a
     tenth of a request; DistributexResource is a leaf at the root that
     routes on ``request.path`` itself, so none of that is needed
     (``prepath`` and ``postpath`` stay unset).
     """
+
+    long_poll = False
 
     def process(self) -> None:
         self.site = self.channel.site
@@ -345,6 +351,56 @@ def _http_date() -> bytes:
     return _date_cache[1]
 
 
+#: Bytes a client may pipeline behind an open /wait before it is taken for
+#: gone or abusive: twisted.web would stop reading the socket past this
+#: (its _optimisticEagerReadSize), and a socket nobody reads never reports
+#: the hang-up, so the waiter would keep its place, or a grant, for ever.
+MAX_PIPELINED_BEHIND_WAIT = 0x4000
+#: TCP keepalive on every connection: a waiter whose machine died or was cut
+#: off (no FIN, no RST) is noticed after KEEPALIVE_IDLE + KEEPALIVE_COUNT *
+#: KEEPALIVE_INTERVAL seconds (two minutes) and leaves the queue.
+KEEPALIVE_IDLE = 60
+KEEPALIVE_INTERVAL = 10
+KEEPALIVE_COUNT = 6
+
+
+class DistributexChannel(HTTPChannel):
+    """An HTTP/1.1 connection that never stops watching a long poll.
+
+    While a /wait is open, twisted.web buffers what the client pipelines
+    behind it and, past a small limit, pauses the socket: from then on the
+    reactor would never see the client hang up. This channel drops such a
+    connection instead, so its /wait leaves the queue (or gives back the
+    grant it raced) as any departed client's does.
+    """
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        _keepalive(self.transport)
+
+    def rawDataReceived(self, data: bytes) -> None:
+        if (self._handlingRequest and self.requests and getattr(self.requests[-1], "long_poll", False)
+                and sum(map(len, self._dataBuffer)) + len(data) > MAX_PIPELINED_BEHIND_WAIT):
+            log.info("dropping a connection that pipelined more than {limit} bytes behind its /wait",
+                     limit=MAX_PIPELINED_BEHIND_WAIT)
+            self._dataBuffer = []
+            self.transport.abortConnection()
+            return
+        super().rawDataReceived(data)
+
+
+def _keepalive(transport: Any) -> None:
+    set_keepalive = getattr(transport, "setTcpKeepAlive", None)
+    if set_keepalive is None:
+        return  # not TCP (a Unix socket): the kernel reports a dead peer
+    set_keepalive(True)
+    sock = transport.getHandle()
+    for option, value in (("TCP_KEEPIDLE", KEEPALIVE_IDLE), ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL),
+                          ("TCP_KEEPCNT", KEEPALIVE_COUNT)):
+        if hasattr(socket, option):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
+
+
 class DistributexSite(Site):
     """A Site of DistributexRequests whose per-request access log is off unless asked for.
 
@@ -354,6 +410,7 @@ class DistributexSite(Site):
 
     noisy = False
     requestFactory = DistributexRequest
+    protocol = DistributexChannel  # HTTP/1.1 only: no HTTP/2 negotiation wrapper
 
     def __init__(self, resource: Resource, access_log: bool = False, **kwargs: Any) -> None:
         super().__init__(resource, **kwargs)
