@@ -137,6 +137,9 @@ class DistributexServer:
             yaml.safe_dump(config, f)
         self.port = port or free_port()
         self.extra_args = extra_args
+        # A command the server runs under, such as faketime; set before start().
+        self.prefix: Tuple[str, ...] = ()
+        self.env: Optional[Dict[str, str]] = None
         self.log_path = os.path.join(self.workdir, f"twistd-{self.port}.log")
         self.proc: Optional[subprocess.Popen] = None
         self.start()
@@ -148,9 +151,10 @@ class DistributexServer:
     def start(self) -> None:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            twistd_command() + ["-n", "--pidfile=", "distributex", "-c", self.config_path,
+            [*self.prefix] + twistd_command() + ["-n", "--pidfile=", "distributex", "-c", self.config_path,
                                 "--listen", f"tcp:{self.port}:interface=127.0.0.1", *self.extra_args],
-            cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT)
+            cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT,
+            env=None if self.env is None else dict(os.environ, **self.env))
         log.close()
         wait_for_port(self.port, self.proc)
 

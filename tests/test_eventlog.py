@@ -5,7 +5,7 @@ an interval when it is busy."""
 import pytest
 from twisted.logger import LogLevel, capturedLogs, formatEvent
 
-from distributex.eventlog import FLUSH_INTERVAL, EventLog
+from distributex.eventlog import FLUSH_INTERVAL, MAX_BATCH, EventLog
 from test_memory_backend import World
 
 pytestmark = pytest.mark.timeout(60)
@@ -19,7 +19,7 @@ def logged(world, logs):
 @pytest.fixture
 def world():
     world = World()
-    world.event_log = EventLog(world.clock)
+    world.event_log = EventLog(world.clock, clock=world.clock.seconds)
     world.backend.observers.append(world.event_log.record)
     return world
 
@@ -82,3 +82,33 @@ def test_flush_writes_what_is_pending_at_once(world):
         assert len(logged(world, logs)) == 1
         world.clock.advance(FLUSH_INTERVAL)
     assert len(logged(world, logs)) == 1
+
+
+def test_a_full_batch_is_written_at_once_whatever_the_timers_do(world):
+    # The reactor's timers run on the wall clock: one stepped back would
+    # hold a batch for as long; a full batch does not wait for them.
+    with capturedLogs() as logs:
+        world.get("a")
+        world.clock.advance(0)
+        for _ in range(MAX_BATCH):
+            world.get("a")  # a renewal: one line each
+        assert len(logged(world, logs)) == 2
+    assert len(world.event_log._lines) < MAX_BATCH
+
+
+def test_pacing_follows_the_monotonic_clock_not_the_reactors():
+    from twisted.internet.task import Clock
+
+    reactor, monotonic = Clock(), Clock()
+    event_log = EventLog(reactor, clock=monotonic.seconds)
+    event_log.record(_event())
+    reactor.advance(0)  # written: the next entry is paced from now
+    reactor.advance(-3600)  # the wall clock steps back an hour
+    event_log.record(_event())
+    (call,) = reactor.getDelayedCalls()
+    assert call.getTime() - reactor.seconds() <= FLUSH_INTERVAL
+
+
+def _event():
+    from distributex.pool import GRANTED, Event
+    return Event(GRANTED, "p", "a", "", 1, None, 0.0)
