@@ -367,6 +367,9 @@ class Server:
         self.config_path = os.path.join(procs.dir, f"{name}-{self.port}.yaml")
         config = dict(settings)
         config["pools"] = pools
+        if config.get("backend", "inmemory") == "inmemory" and "state_file" not in config:
+            # One state file each: servers share the benchmark's directory.
+            config["state_file"] = os.path.join(procs.dir, f"{name}-{self.port}.state")
         with open(self.config_path, "w") as f:
             yaml.safe_dump(config, f)
         args = list(wrap) + [python_script("twistd"), "-n", "--pidfile=", "distributex",
