@@ -44,6 +44,7 @@ class Options(usage.Options):
         port = self["port"]
         if port is not None and not (port.isdigit() and 0 < int(port) < 65536):
             raise usage.UsageError(f"--port must be a TCP port number, not {port!r}")
+        _readable_logs_under_twist(getattr(self, "parent", None))
 
     def endpoints(self) -> List[str]:
         if self["listen"]:
@@ -94,6 +95,25 @@ class Listener(StreamServerEndpointService):
             super().privilegedStartService()
         except Exception as e:
             _stop(f"cannot listen on {self.description}: {e}")
+
+
+def _readable_logs_under_twist(parent: Any) -> None:
+    """Make ``twist`` write text lines, as twistd does, unless told otherwise.
+
+    twist writes JSON events when its output is not a terminal (a service
+    manager, a pipe), which nobody reads as a log. It picks that default
+    before parsing, and keeps no record of whether ``--log-format`` was
+    given, so the command line is asked: an explicit ``--log-format json``
+    still wins.
+    """
+    from twisted.application.twist._options import TwistOptions
+
+    explicit = any(arg.startswith("--log-format") for arg in sys.argv)
+    if isinstance(parent, TwistOptions) and not explicit:
+        from twisted.logger import textFileLogObserver
+
+        parent["fileLogObserverFactory"] = textFileLogObserver
+        parent["logFormat"] = "text"
 
 
 def _stop(message: str) -> None:

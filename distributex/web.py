@@ -14,7 +14,7 @@ import socket
 import tempfile
 import time
 from io import BytesIO
-from typing import IO, Any, Callable, Dict, List, Optional, Tuple
+from typing import IO, Any, Callable, Dict, List, Literal, Optional, Tuple, overload
 
 from twisted.internet.defer import CancelledError, TimeoutError
 from twisted.internet.interfaces import IReactorTime
@@ -49,6 +49,14 @@ class BadRequest(Exception):
         super().__init__(reason)
         self.code = code
         self.reason = reason
+
+
+@overload
+def _param(request: Request, name: bytes) -> str: ...
+
+
+@overload
+def _param(request: Request, name: bytes, required: Literal[False]) -> Optional[str]: ...
 
 
 def _param(request: Request, name: bytes, required: bool = True) -> Optional[str]:
@@ -133,7 +141,7 @@ def _seconds(value: float) -> str:
 
 def _gone(request: Request) -> bool:
     # Twisted documents _disconnected on Request; there is no public query.
-    return request._disconnected or request.finished
+    return bool(request._disconnected or request.finished)
 
 
 def _send(request: Request, code: int, word: bytes, as_json: bool,
@@ -259,7 +267,7 @@ class DistributexResource(Resource):
         spec, host, session = self._holder(request)
         label = _param(request, b"label", required=False) or ""
         timeout = _timeout(request)
-        request.long_poll = True  # see DistributexChannel
+        request.long_poll = True  # type: ignore[attr-defined]  # a DistributexRequest: see DistributexChannel
         waiter = self.backend.wait(spec.name, host, label, session)
         if timeout is not None:
             waiter.addTimeout(timeout, self.reactor)
@@ -331,7 +339,7 @@ class DistributexRequest(Request):
     long_poll = False
 
     def process(self) -> None:
-        self.site = self.channel.site
+        self.site = self.channel.site  # type: ignore[attr-defined]  # set by Site.buildProtocol
         self.setHeader(b"server", version)
         self.setHeader(b"date", _http_date())
         try:
@@ -384,7 +392,7 @@ class DistributexChannel(HTTPChannel):
             log.info("dropping a connection that pipelined more than {limit} bytes behind its /wait",
                      limit=MAX_PIPELINED_BEHIND_WAIT)
             self._dataBuffer = []
-            self.transport.abortConnection()
+            self.transport.abortConnection()  # type: ignore[union-attr]  # a TCP or Unix transport
             return
         super().rawDataReceived(data)
 
@@ -410,13 +418,13 @@ class DistributexSite(Site):
 
     noisy = False
     requestFactory = DistributexRequest
-    protocol = DistributexChannel  # HTTP/1.1 only: no HTTP/2 negotiation wrapper
+    protocol = DistributexChannel  # type: ignore[assignment]  # HTTP/1.1 only: no HTTP/2 negotiation wrapper
 
     def __init__(self, resource: Resource, access_log: bool = False, **kwargs: Any) -> None:
         super().__init__(resource, **kwargs)
         self.access_log = access_log
 
-    def log(self, request: Request) -> None:
+    def log(self, request: Request) -> None:  # type: ignore[override]  # twisted.web's own is typed narrower
         if self.access_log:
             super().log(request)
 

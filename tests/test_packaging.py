@@ -15,7 +15,7 @@ from servers import ROOT, twistd_command
 pytestmark = pytest.mark.timeout(300)
 
 PLUGIN = "twisted/plugins/distributex_plugin.py"
-SKIP = shutil.ignore_patterns(".git", "build", "dist", "*.egg-info", "__pycache__", ".hypothesis",
+SKIP = shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".hypothesis",
                               ".pytest_cache", "*.pyc", "*.log", "*.sock")
 
 
@@ -112,3 +112,120 @@ def test_twistd_help_lists_distributex_from_an_unrelated_directory(tmp_path):
     commands = [line.split()[0] for line in result.stdout.decode().splitlines()
                 if line.startswith("    ") and line.split()]
     assert "distributex" in commands
+
+
+# -- a fresh virtualenv, as the README installs it ---------------------------------
+
+REBUILD_CACHE = "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))"
+
+
+@pytest.fixture(scope="module")
+def fresh_venv(dists):
+    """The wheel installed into a new virtualenv, in a directory every user
+    can read; its dependencies come from this environment (a .pth file), so
+    the test needs no network."""
+    import site
+    import tempfile
+
+    home = tempfile.mkdtemp(prefix="dx-venv-", dir="/tmp")
+    os.chmod(home, 0o755)
+    venv = os.path.join(home, "venv")
+    subprocess.run([sys.executable, "-m", "venv", venv], check=True, timeout=120)
+    (purelib,) = [p for p in site.getsitepackages() if p.endswith("site-packages")][:1]
+    target = subprocess.run([os.path.join(venv, "bin", "python"), "-c",
+                             "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                            capture_output=True, text=True, check=True).stdout.strip()
+    with open(os.path.join(target, "dependencies.pth"), "w") as f:
+        f.write(purelib + "\n")
+    # The fresh venv's own pip: this environment's would also uninstall the
+    # distributex it has (the editable one the other tests run).
+    subprocess.run([os.path.join(venv, "bin", "python"), "-m", "pip", "install", "--quiet", "--no-deps",
+                    "--no-index", str(dists[1])], check=True, capture_output=True, timeout=120)
+    yield venv
+    shutil.rmtree(home, ignore_errors=True)
+
+
+def as_nobody():
+    """Arguments that run a command as an unprivileged user, or () when we are one."""
+    if os.geteuid() != 0:
+        return ()
+    runuser = shutil.which("runuser") or shutil.which("setpriv")
+    if runuser is None:
+        pytest.skip("neither runuser nor setpriv to run as an unprivileged user")
+    if runuser.endswith("runuser"):
+        return (runuser, "-u", "nobody", "--")
+    return (runuser, "--reuid=65534", "--regid=65534", "--clear-groups")
+
+
+def rebuilt_cache(venv):
+    """Run the packager's one line (README, "Packaging notes") as the owner;
+    the path of the cache it wrote beside the plugin."""
+    python = os.path.join(venv, "bin", "python")
+    subprocess.run([python, "-c", REBUILD_CACHE], check=True, capture_output=True, timeout=120)
+    where = subprocess.run([python, "-c", "import twisted.plugins.distributex_plugin as p; print(p.__file__)"],
+                           capture_output=True, text=True, check=True).stdout.strip()
+    return os.path.join(os.path.dirname(where), "dropin.cache")
+
+
+def twistd_help(venv, *prefix):
+    # twistd is a dependency's script, outside the fresh venv: run its module.
+    python = os.path.join(venv, "bin", "python")
+    return subprocess.run([*prefix, python, "-c", "from twisted.scripts.twistd import run; run()", "--help"],
+                          cwd="/", capture_output=True, text=True, timeout=120)
+
+
+def test_after_the_cache_rebuild_twistd_never_needs_to_write_the_plugin_cache(fresh_venv):
+    # A user who cannot write the cache gets a warning only when twistd
+    # wants to rewrite it: after the rebuild it never does.
+    cache = rebuilt_cache(fresh_venv)
+    before = os.stat(cache).st_mtime_ns
+    result = twistd_help(fresh_venv)
+    assert result.returncode == 0 and "distributex" in result.stdout
+    assert os.stat(cache).st_mtime_ns == before
+
+
+def test_twistd_lists_the_plugin_without_a_cache_warning_as_an_unprivileged_user(fresh_venv):
+    rebuilt_cache(fresh_venv)
+    prefix = as_nobody()
+    if prefix and subprocess.run([*prefix, os.path.join(fresh_venv, "bin", "python"), "-c", "pass"],
+                                 capture_output=True).returncode != 0:
+        pytest.skip("this Python lives where an unprivileged user cannot run it")
+    result = twistd_help(fresh_venv, *prefix)
+    assert result.returncode == 0, result.stderr
+    assert "distributex" in result.stdout
+    assert "plugin cache" not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("command", ["distributex"])
+def test_the_console_scripts_answer_help(fresh_venv, command):
+    result = subprocess.run([os.path.join(fresh_venv, "bin", command), "-h"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "usage:" in result.stdout
+
+
+def test_the_systemd_unit_passes_systemd_analyze_verify_with_the_readmes_install_path(tmp_path):
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("systemd-analyze is not installed (no systemd here)")
+    with open(os.path.join(ROOT, "contrib", "distributex.service")) as f:
+        unit = f.read()
+    assert "/opt/distributex/bin/twistd" in unit, "the unit must use the README's install path"
+    # The README installs into the virtualenv /opt/distributex; the one
+    # running these tests, with its bin/twistd, stands in for it.
+    (tmp_path / "distributex.service").write_text(unit.replace("/opt/distributex", sys.prefix))
+    result = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "distributex.service")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stderr.strip() == ""
+
+
+def test_twist_writes_readable_lines_when_its_output_is_not_a_terminal(tmp_path):
+    (tmp_path / "dx.yaml").write_text("pools: [{name: p}]\nstate_file: null\n")
+    twist = os.path.join(os.path.dirname(twistd_command()[0]), "twist")
+    proc = subprocess.Popen([twist, "distributex", "-c", "dx.yaml", "--listen", "tcp:0:interface=127.0.0.1"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    first = proc.stdout.readline()
+    proc.terminate()
+    proc.communicate(timeout=30)
+    assert not first.startswith("{"), first
+    assert "[" in first and "starting" in first.lower()

@@ -110,7 +110,7 @@ class Backend(Service):
         queue, or releases the hold if the grant raced the cancellation.
         """
         ticket_id = f"{self.server_id}.{next(self._ticket_ids)}"
-        waiter = Deferred(lambda _: self._abandon(ticket_id))
+        waiter: Deferred[Event] = Deferred(lambda _: self._abandon(ticket_id))
         local = self._tickets[ticket_id] = LocalTicket(ticket_id, pool, host, session, waiter)
         server = self.server_id if self.shared else None
 
@@ -140,11 +140,14 @@ class Backend(Service):
     def status(self, names: Iterable[str]) -> Deferred:
         """Fire with [(PoolSpec, PoolState, now)] for the named pools, expiry applied."""
         results: List[Tuple[PoolSpec, PoolState, float]] = []
-        d: Deferred = succeed(None)
+        d: Deferred[Any] = succeed(None)
         for name in names:
-            d.addCallback(lambda _, name=name: self._snapshot(name))
+            d.addCallback(self._snapshot_after, name)
             d.addCallback(results.append)
         return d.addCallback(lambda _: results)
+
+    def _snapshot_after(self, _: object, name: str) -> Any:
+        return self._snapshot(name)
 
     def local_waiters(self) -> int:
         return len(self._tickets)
