@@ -10,14 +10,22 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Dict, List, Optional, Union
 
 import yaml
 
-#: The 2014 default lease: long enough for a Puppet run, short enough that a
-#: crashed holder does not block the pool for a whole day.
-DEFAULT_EXPIRE = 1800.0
-DEFAULT_MAXLOCKS = 1
+from distributex.catalog import (  # noqa: F401  (PoolSpec and the defaults are part of this module's API)
+    DEFAULT_EXPIRE,
+    DEFAULT_MAX_WAITERS,
+    DEFAULT_MAXLOCKS,
+    Catalog,
+    PatternError,
+    PoolPattern,
+    PoolSpec,
+    check_pattern,
+    overlap,
+)
+
 DEFAULT_PORT = 9889
 DEFAULT_MEMCACHE_HOST = "localhost"
 DEFAULT_MEMCACHE_PORT = 11211
@@ -37,7 +45,7 @@ TOP_KEYS = {
     "backend", "memcachehost", "memcacheport", "memcache_servers",
     "poll_interval", "namespace", "pools", "state_file", "state_fsync",
 }
-POOL_KEYS = {"name", "expire", "maxlocks", "servers"}
+POOL_KEYS = {"name", "pattern", "expire", "maxlocks", "servers", "max_waiters"}
 
 
 class ConfigError(Exception):
@@ -45,21 +53,8 @@ class ConfigError(Exception):
 
 
 @dataclass(frozen=True)
-class PoolSpec:
-    """A pool as configured: what the pool rules need to know of it."""
-
-    name: str
-    expire: float = DEFAULT_EXPIRE  # 0 means a hold never expires
-    maxlocks: int = DEFAULT_MAXLOCKS
-    servers: Optional[frozenset] = None  # None: any host may ask
-
-    def allows(self, host: str) -> bool:
-        return self.servers is None or host in self.servers
-
-
-@dataclass(frozen=True)
 class Config:
-    pools: dict = field(default_factory=dict)  # name -> PoolSpec, in file order
+    pools: Catalog = field(default_factory=Catalog)
     backend: str = "inmemory"
     memcache_servers: tuple = ((DEFAULT_MEMCACHE_HOST, DEFAULT_MEMCACHE_PORT),)
     poll_interval: float = DEFAULT_POLL_INTERVAL
@@ -162,24 +157,62 @@ def _servers(source: str, key: str, value: Any) -> Optional[frozenset]:
     return hosts
 
 
-def _pool(source: str, index: int, item: Any) -> PoolSpec:
+def _pool(source: str, index: int, item: Any) -> Union[PoolSpec, PoolPattern]:
+    """One entry of pools: a named pool, or a pattern of pools made on demand."""
     where = f"pools[{index}]"
     if not isinstance(item, dict):
-        _fail(source, where, "must be a mapping with at least a name")
+        _fail(source, where, "must be a mapping with a name (or a pattern)")
     unknown = sorted(set(map(str, item)) - POOL_KEYS)
     if unknown:
         _fail(source, f"{where}.{unknown[0]}", f"unknown key (known: {', '.join(sorted(POOL_KEYS))})")
-    if "name" not in item:
-        _fail(source, where, "missing required key 'name'")
-    name = _name(source, f"{where}.name", item["name"])
-    where = f"pool {name!r}"
+    if ("name" in item) == ("pattern" in item):
+        _fail(source, where, "give either 'name' (one pool) or 'pattern' (pools on demand)")
+    if "name" in item:
+        name = _name(source, f"{where}.name", item["name"])
+        where = f"pool {name!r}"
+    else:
+        name = item["pattern"]
+        if not isinstance(name, str):
+            _fail(source, f"{where}.pattern", f"must be a string, not {name!r}")
+        try:
+            check_pattern(name)
+        except PatternError as e:
+            _fail(source, f"{where}.pattern", f"{name!r} {e}")
+        where = f"pattern {name!r}"
     expire = item.get("expire", DEFAULT_EXPIRE)
-    return PoolSpec(
+    spec = PoolSpec(
         name=name,
         expire=DEFAULT_EXPIRE if expire is None else _number(source, f"{where}: expire", expire),
         maxlocks=_integer(source, f"{where}: maxlocks", item.get("maxlocks", DEFAULT_MAXLOCKS), 1),
         servers=_servers(source, f"{where}: servers", item.get("servers")),
+        max_waiters=_integer(source, f"{where}: max_waiters", item.get("max_waiters", DEFAULT_MAX_WAITERS), 1),
     )
+    return spec if "name" in item else PoolPattern(name, spec)
+
+
+def _catalog(source: str, raw_pools: Any) -> Catalog:
+    if not isinstance(raw_pools, list):
+        _fail(source, "pools", "must be a list of pools")
+    named: Dict[str, PoolSpec] = {}
+    patterns: List[PoolPattern] = []
+    for index, item in enumerate(raw_pools):
+        entry = _pool(source, index, item)
+        if isinstance(entry, PoolSpec):
+            if entry.name in named:
+                _fail(source, f"pools[{index}].name", f"duplicate pool {entry.name!r}")
+            named[entry.name] = entry
+            continue
+        for other in patterns:
+            both = overlap(entry.pattern, other.pattern)
+            if both is not None:
+                _fail(source, f"pools[{index}].pattern",
+                      f"{entry.pattern!r} overlaps {other.pattern!r} (both match {both!r}): "
+                      f"which settings a pool gets must not depend on the order of the file")
+        patterns.append(entry)
+    if not named and not patterns:
+        _fail(source, "pools", "no pool and no pattern: this server could grant nothing "
+                               "(add a pool, e.g. pools: [{name: pool1}])")
+    return Catalog(named, patterns)
 
 
 def _build(data: Any, source: str) -> Config:
@@ -215,15 +248,7 @@ def _build(data: Any, source: str) -> Config:
     poll = _number(source, "poll_interval", poll, 0.001)
     namespace = _name(source, "namespace", data.get("namespace", DEFAULT_NAMESPACE))
 
-    raw_pools = data.get("pools") or []
-    if not isinstance(raw_pools, list):
-        _fail(source, "pools", "must be a list of pools")
-    pools: dict = {}
-    for index, item in enumerate(raw_pools):
-        spec = _pool(source, index, item)
-        if spec.name in pools:
-            _fail(source, f"pools[{index}].name", f"duplicate pool {spec.name!r}")
-        pools[spec.name] = spec
+    pools = _catalog(source, data.get("pools") or [])
 
     state_file = data.get("state_file", DEFAULT_STATE_FILE)
     if state_file is not None and (not isinstance(state_file, str) or not state_file.strip()):

@@ -130,11 +130,12 @@ class Step:
     """What one operation did: the caller's hold (granted, renewed, or for a
     release the one that ended) and the events."""
 
-    __slots__ = ("hold", "events")
+    __slots__ = ("hold", "events", "refused")
 
     def __init__(self) -> None:
         self.hold: Optional[Hold] = None
         self.events: List[Event] = []
+        self.refused: Optional[str] = None  # why a wait was not queued (the queue is full)
 
     @property
     def changed(self) -> bool:
@@ -179,6 +180,8 @@ class Pool:
         elif not self.state.queue and self._has_free_slot(now):
             step.hold = self._grant(ticket.host, ticket.session, ticket.label, now, ticket.id,
                                     ticket.server, step.events)
+        elif len(self.state.queue) >= self.spec.max_waiters:
+            step.refused = f"the queue of pool '{self.spec.name}' is full ({self.spec.max_waiters} waiters)"
         else:
             self.state.queue[ticket.id] = ticket
             step.events.append(Event(QUEUED, self.spec.name, ticket.host, ticket.label, None, ticket.id,
@@ -245,6 +248,11 @@ class Pool:
             del answers[tid]
 
     # -- queries -------------------------------------------------------------
+
+    def idle(self) -> bool:
+        """Nobody holds and nobody waits (an answer may still be owed)."""
+        state = self.state
+        return not state.holders and not state.queue and not state.answers
 
     def next_deadline(self) -> Optional[float]:
         """When the state next changes by itself (a hold expires, a block lifts)."""

@@ -24,8 +24,8 @@ from twisted.web.http import HTTPChannel, datetimeToString
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site, version
 
-from distributex.backend import Backend, BackendUnavailable, ShuttingDown
-from distributex.config import PoolSpec
+from distributex.backend import Backend, BackendUnavailable, QueueFull, ShuttingDown
+from distributex.catalog import Catalog, PoolSpec
 from distributex.pool import Hold
 from distributex.status import status_json, status_table
 
@@ -183,7 +183,7 @@ class DistributexResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, backend: Backend, pools: Dict[str, PoolSpec], reactor: IReactorTime) -> None:
+    def __init__(self, backend: Backend, pools: Catalog, reactor: IReactorTime) -> None:
         super().__init__()
         self.backend = backend
         self.pools = pools
@@ -214,7 +214,7 @@ class DistributexResource(Resource):
 
     def _pool(self, request: Request, host: Optional[str] = None) -> PoolSpec:
         name = _param(request, b"pool")
-        spec = self.pools.get(name)
+        spec = self.pools.find(name)
         if spec is None:
             raise BadRequest(404, f"unknown pool '{name}'")
         if host is not None and not spec.allows(host):
@@ -256,7 +256,8 @@ class DistributexResource(Resource):
 
     def _yes(self, request: Request, spec: PoolSpec, host: str, session: str, token: int, as_json: bool) -> None:
         request.setHeader(b"x-distributex-token", b"%d" % token)
-        request.setHeader(b"x-distributex-expire", self._expire_headers[spec.name])
+        request.setHeader(b"x-distributex-expire", self._expire_headers.get(spec.name)
+                          or _seconds(spec.expire).encode())
         fields = None
         if as_json:
             fields = _who(spec, host, session)
@@ -280,6 +281,8 @@ class DistributexResource(Resource):
         def not_granted(reason: Failure) -> None:
             if reason.check(TimeoutError):
                 _send(request, 200, NO, as_json, dict(_who(spec, host, session), reason="timed out"))
+            elif reason.check(QueueFull):
+                _send(request, 429, INVALID, as_json, dict(_who(spec, host, session), reason=str(reason.value)))
             elif reason.check(ShuttingDown):
                 _send(request, 503, NO, as_json, dict(_who(spec, host, session), reason="server shutting down"))
             elif not reason.check(CancelledError):
@@ -300,10 +303,10 @@ class DistributexResource(Resource):
         names: List[str] = []
         for raw in request.args.get(b"pool", []):
             name = _text(b"pool", raw)
-            if name not in self.pools:
+            if self.pools.find(name) is None:
                 raise BadRequest(404, f"unknown pool '{name}'")
             names.append(name)
-        d = self.backend.status(names or list(self.pools))
+        d = self.backend.status(names or self.backend.active_pools())
 
         def show(pools: list) -> None:
             if _gone(request):

@@ -16,6 +16,7 @@ from distributex.config import (
 pytestmark = pytest.mark.timeout(60)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+POOL = "pools: [{name: p}]\n"
 
 
 def one_pool(body):
@@ -56,26 +57,28 @@ def test_a_pool_defaults_to_a_1800_second_mutex_open_to_anyone():
 
 
 def test_the_backend_defaults_to_inmemory():
-    assert parse_config("pools: []\n").backend == "inmemory"
+    assert parse_config(POOL).backend == "inmemory"
 
 
 def test_memcachehost_and_memcacheport_name_the_memcached():
-    config = parse_config("backend: memcache\nmemcachehost: mc1\nmemcacheport: 11311\n")
+    config = parse_config("backend: memcache\nmemcachehost: mc1\nmemcacheport: 11311\n" + POOL)
     assert config.backend == "memcache"
     assert config.memcache_servers == (("mc1", 11311),)
 
 
 def test_memcached_defaults_to_localhost_11211():
-    assert parse_config("backend: memcache\n").memcache_servers == (("localhost", 11211),)
+    assert parse_config("backend: memcache\n" + POOL).memcache_servers == (("localhost", 11211),)
 
 
 def test_memcache_servers_lists_several_memcacheds():
-    config = parse_config("memcache_servers: ['10.0.0.5:11211', 'mc2:11212']\n")
+    config = parse_config("memcache_servers: ['10.0.0.5:11211', 'mc2:11212']\n" + POOL)
     assert config.memcache_servers == (("10.0.0.5", 11211), ("mc2", 11212))
 
 
-def test_an_empty_file_is_a_server_with_no_pools():
-    assert parse_config("").pools == {}
+@pytest.mark.parametrize("text", ["", "pools: []\n", "backend: inmemory\n"])
+def test_a_config_with_no_pool_and_no_pattern_is_refused(text):
+    assert error(text) == ("dx.yaml: pools: no pool and no pattern: this server could grant nothing "
+                           "(add a pool, e.g. pools: [{name: pool1}])")
 
 
 def test_pools_keep_the_order_of_the_file():
@@ -281,5 +284,70 @@ def test_a_file_that_is_not_utf8_is_an_error_naming_it(tmp_path):
 
 def test_the_config_remembers_its_file(tmp_path):
     path = tmp_path / "distributex.yaml"
-    path.write_text("pools: []\n")
+    path.write_text(POOL)
     assert load_config(str(path)).source == str(path)
+
+
+# -- pools on demand: pattern entries ------------------------------------------------
+
+
+def test_a_pattern_makes_a_pool_of_any_name_it_matches_with_its_settings():
+    config = parse_config("pools:\n  - pattern: 'job-*'\n    expire: 600\n    maxlocks: 2\n    max_waiters: 5\n")
+    spec = config.pools.find("job-backup")
+    assert (spec.name, spec.expire, spec.maxlocks, spec.max_waiters, spec.pattern) == \
+        ("job-backup", 600.0, 2, 5, "job-*")
+    assert config.pools.find("other") is None
+
+
+def test_a_named_pool_wins_over_a_pattern_that_matches_it():
+    config = parse_config("pools:\n  - name: job-special\n    expire: 5\n  - pattern: 'job-*'\n    expire: 600\n")
+    assert config.pools.find("job-special").expire == 5
+    assert config.pools.find("job-other").expire == 600
+
+
+def test_pattern_pools_are_not_listed_among_the_named_pools():
+    config = parse_config("pools:\n  - name: a\n  - pattern: 'job-*'\n")
+    assert list(config.pools) == ["a"]
+
+
+@pytest.mark.parametrize("first, second, both", [
+    ("job-*", "*-backup", "job-backup"),
+    ("job-?", "job-[0-9]", "job-0"),
+    ("*", "x*", "x"),
+    ("a*b", "*ab*", "ab"),
+])
+def test_overlapping_patterns_are_an_error_naming_a_name_both_match(first, second, both):
+    message = error(f"pools:\n  - pattern: '{first}'\n  - pattern: '{second}'\n")
+    assert message.startswith(f"dx.yaml: pools[1].pattern: '{second}' overlaps '{first}'")
+    assert f"both match {both!r}" in message
+
+
+@pytest.mark.parametrize("first, second", [
+    ("job-*", "task-*"),
+    ("job-[0-4]", "job-[5-9]"),
+    ("a?", "a??"),
+    ("*.daily", "*.weekly"),
+])
+def test_patterns_that_match_no_common_name_are_accepted(first, second):
+    config = parse_config(f"pools:\n  - pattern: '{first}'\n  - pattern: '{second}'\n")
+    assert [p.pattern for p in config.pools.patterns] == [first, second]
+
+
+@pytest.mark.parametrize("pattern, why", [
+    ("job/*", "'/' is neither a pool name character nor a wildcard"),
+    ("job-[0-9", "never closed"),
+    ("job", "has no wildcard"),
+    ("", "must be 1 to 128 characters"),
+    ("[!A-Za-z0-9_.:-]*", "matches no character of a pool name"),
+])
+def test_an_invalid_pattern_is_an_error_saying_why(pattern, why):
+    message = error(f"pools:\n  - pattern: '{pattern}'\n")
+    assert message.startswith("dx.yaml: pools[0].pattern: ") and why in message
+
+
+def test_an_entry_with_both_name_and_pattern_is_an_error():
+    assert "give either 'name' (one pool) or 'pattern'" in error("pools:\n  - {name: a, pattern: 'a*'}\n")
+
+
+def test_max_waiters_defaults_to_100000():
+    assert one_pool("  - name: p\n").max_waiters == 100_000

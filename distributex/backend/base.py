@@ -19,7 +19,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from distributex.config import PoolSpec
+from distributex.catalog import Catalog, PoolSpec
 from distributex.pool import GRANTED, RENEWED, Event, Hold, Pool, PoolState, Step, Ticket
 
 Operation = Callable[[Pool, float], Step]
@@ -63,6 +63,10 @@ class ShuttingDown(Exception):
     """The server is stopping; an open /wait gets NO."""
 
 
+class QueueFull(Exception):
+    """The pool's queue holds max_waiters already; str() says so."""
+
+
 class Backend(Service):
     """Pool operations for the HTTP resource, over some store of PoolStates.
 
@@ -77,7 +81,7 @@ class Backend(Service):
     #: until this server delivers them (PoolState.answers).
     shared = False
 
-    def __init__(self, pools: Dict[str, PoolSpec], reactor: IReactorTime) -> None:
+    def __init__(self, pools: Catalog, reactor: IReactorTime) -> None:
         self.pools = pools
         self.reactor = reactor
         # Names tickets uniquely across every server sharing one store.
@@ -118,8 +122,12 @@ class Backend(Service):
             return p.wait(Ticket(ticket_id, host, label, now, server, session), now)
 
         def enqueued(step: Step) -> Step:
-            # Its own step answered it (_dispatch), or it is now queued.
-            if local.state is REGISTERED:
+            # Its own step answered it (_dispatch), or it is now queued, or
+            # the queue was full.
+            if step.refused is not None:
+                if self._close(ticket_id, LEFT) is not None:
+                    waiter.errback(QueueFull(step.refused))
+            elif local.state is REGISTERED:
                 local.state = QUEUED
             return step
 
@@ -148,6 +156,11 @@ class Backend(Service):
 
     def _snapshot_after(self, _: object, name: str) -> Any:
         return self._snapshot(name)
+
+    def active_pools(self) -> List[str]:
+        """The pools /status/ lists by default: the named ones, and those
+        made on demand that this backend knows to be in use."""
+        return list(self.pools)
 
     def local_waiters(self) -> int:
         return len(self._tickets)

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import time
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 from distributex.backend.base import Backend, Operation
 from distributex.backend.statefile import StateFile
-from distributex.config import PoolSpec
+from distributex.catalog import Catalog, PoolSpec
 from distributex.pool import Pool, PoolState, Step
 
 
@@ -46,17 +46,26 @@ class InMemoryBackend(Backend):
     restart.
     """
 
-    def __init__(self, pools: Dict[str, PoolSpec], reactor: IReactorTime,
+    def __init__(self, pools: Catalog, reactor: IReactorTime,
                  clock: Optional[Callable[[], float]] = None, state_file: Optional[StateFile] = None,
                  wall: Callable[[], float] = time.time) -> None:
         super().__init__(pools, reactor)
         self.clock = clock if clock is not None else monotonic_clock()
         self.state_file = state_file
-        states = state_file.load(pools) if state_file is not None else {}
-        self._pools = {name: Pool(spec, states.get(name), wall) for name, spec in pools.items()}
+        self.wall = wall
+        # Every named pool, and the pools made on demand that are in use.
+        self._pools = {name: Pool(spec, None, wall) for name, spec in pools.items()}
         self._timers: Dict[str, IDelayedCall] = {}
         if state_file is not None:
-            state_file.open(pools, self._states())
+            for name, state in state_file.load(pools.find).items():
+                spec = pools.find(name)
+                assert spec is not None  # load keeps only pools that exist
+                if spec.pattern is None or state.holders:  # an idle pool on demand is forgotten
+                    self._pools[name] = Pool(spec, state, wall)
+            state_file.open(self._specs(), self._states())
+
+    def active_pools(self) -> List[str]:
+        return list(self._pools)
 
     def startService(self) -> None:
         super().startService()
@@ -65,7 +74,9 @@ class InMemoryBackend(Backend):
                 self._schedule(name, pool, self.clock())
 
     def _apply(self, name: str, operation: Operation, now: Optional[float] = None) -> Step:
-        pool = self._pools[name]
+        pool = self._pools.get(name)
+        if pool is None:
+            pool = self._pools[name] = self._on_demand(name)
         if now is None:
             now = self.clock()
         step = operation(pool, now)
@@ -79,17 +90,40 @@ class InMemoryBackend(Backend):
                 # Before anyone is told: a grant answered is a grant kept.
                 self.state_file.record(pool.spec, step.events, pool.state)
                 if self.state_file.needs_compaction():
-                    self.state_file.compact(self.pools, self._states())
+                    self.state_file.compact(self._specs(), self._states())
             self._dispatch(step)
+        if pool.spec.pattern is not None and pool.idle():
+            self._forget(name)
         return step
+
+    def _on_demand(self, name: str) -> Pool:
+        spec = self.pools.find(name)
+        if spec is None:
+            raise KeyError(name)  # the HTTP layer asks only for pools that exist
+        return Pool(spec, None, self.wall)
+
+    def _forget(self, name: str) -> None:
+        """Drop an idle pool made on demand: memory stays bounded by the pools
+        in use, whatever names come and go. Its next token floors at the
+        clock again (distributex.token)."""
+        del self._pools[name]
+        timer = self._timers.pop(name, None)
+        if timer is not None:
+            timer.cancel()
 
     def _states(self) -> Dict[str, PoolState]:
         return {name: pool.state for name, pool in self._pools.items()}
 
+    def _specs(self) -> Dict[str, PoolSpec]:
+        return {name: pool.spec for name, pool in self._pools.items()}
+
     def _snapshot(self, name: str) -> Tuple[PoolSpec, PoolState, float]:
-        pool = self._pools[name]
         now = self.clock()
-        self._apply(name, _tick, now)
+        if name in self._pools:
+            self._apply(name, _tick, now)
+        pool = self._pools.get(name)  # the tick may have forgotten an idle one
+        if pool is None:
+            return (self._on_demand(name).spec, PoolState(), now)
         return (pool.spec, pool.state, now)
 
     def _schedule(self, name: str, pool: Pool, now: float) -> None:

@@ -83,8 +83,8 @@ class StateFile:
 
     # -- start ---------------------------------------------------------------
 
-    def load(self, specs: Dict[str, PoolSpec]) -> Dict[str, PoolState]:
-        """The states the file keeps for the configured pools, as of now.
+    def load(self, find: Callable[[str], Optional[PoolSpec]]) -> Dict[str, PoolState]:
+        """The states the file keeps for the pools that ``find`` knows, as of now.
 
         Holds whose lease ran out while the server was down are dropped
         (their tokens are kept). Raises StateFileError for a file that is
@@ -119,7 +119,7 @@ class StateFile:
             # A write cut short by a machine crash: its operation was never
             # answered (with state_fsync) or was not yet on disk.
             log.warn("{path}: ignoring an incomplete last line", path=self.path)
-        return self._states(specs, records, tokens, same_boot)
+        return self._states(find, records, tokens, same_boot)
 
     def _header(self, line: bytes) -> Dict[str, Any]:
         try:
@@ -134,12 +134,12 @@ class StateFile:
                                  f"this server reads version {FORMAT_VERSION}")
         return header
 
-    def _states(self, specs: Dict[str, PoolSpec], records: Dict[str, Dict[Tuple[str, str], list]],
+    def _states(self, find: Callable[[str], Optional[PoolSpec]], records: Dict[str, Dict[Tuple[str, str], list]],
                 tokens: Dict[str, int], same_boot: bool) -> Dict[str, PoolState]:
         now, wall = self.clock(), self.wall()
         states: Dict[str, PoolState] = {}
         for name, last_token in tokens.items():
-            if name not in specs:
+            if find(name) is None:
                 self._other_tokens[name] = last_token
                 if records.get(name):
                     log.warn("state file: pool {pool} is no longer configured; its holds are dropped",
