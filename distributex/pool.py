@@ -47,6 +47,13 @@ RENEWED = "renewed"
 RELEASED = "released"
 EXPIRED = "expired"
 LEFT = "left"
+RESET = "reset"  # an operator force-ended a hold, or dropped a waiter
+BLOCKED = "blocked"  # a lock-delay began: the pool grants nothing until it ends
+
+#: Why a /get was answered NO (contract section 5).
+BUSY = "busy"
+QUEUED_AHEAD = "queued ahead"
+LOCK_DELAY = "lock-delay"
 
 
 @dataclass
@@ -89,7 +96,7 @@ class Answer:
     """The outcome of a queued ticket, kept until the server holding its
     connection delivers it (shared backends only)."""
 
-    kind: str  # GRANTED or RENEWED
+    kind: str  # GRANTED, RENEWED, or RESET (dropped by an operator: answered NO)
     token: int
     server: str
 
@@ -130,12 +137,13 @@ class Step:
     """What one operation did: the caller's hold (granted, renewed, or for a
     release the one that ended) and the events."""
 
-    __slots__ = ("hold", "events", "refused")
+    __slots__ = ("hold", "events", "refused", "reason")
 
     def __init__(self) -> None:
         self.hold: Optional[Hold] = None
         self.events: List[Event] = []
         self.refused: Optional[str] = None  # why a wait was not queued (the queue is full)
+        self.reason: Optional[str] = None  # why a get was not granted: BUSY, QUEUED_AHEAD, LOCK_DELAY
 
     @property
     def changed(self) -> bool:
@@ -167,7 +175,17 @@ class Pool:
             step.hold = hold
         elif not self.state.queue and self._has_free_slot(now):
             step.hold = self._grant(host, session, label, now, None, server, step.events)
+        else:
+            step.reason = self._why_not(now)
         return step
+
+    def _why_not(self, now: float) -> str:
+        if self.state.queue:
+            return QUEUED_AHEAD
+        if now < self.state.blocked_until and len(self.state.holders) < self.spec.maxlocks:
+            until = self.wall() + (self.state.blocked_until - now)
+            return f"{LOCK_DELAY} until {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(until))}"
+        return BUSY
 
     def wait(self, ticket: Ticket, now: float) -> Step:
         """Join the queue; granted at once when nobody is ahead and a slot is free."""
@@ -232,6 +250,36 @@ class Pool:
             step.events.append(Event(LEFT, self.spec.name, ticket.host, ticket.label, None, ticket.id, now,
                                      ticket.session))
         return self._settle(step, now)
+
+    def reset(self, now: float, host: Optional[str] = None, session: Optional[str] = None) -> Step:
+        """Force-end holds: the holder (host, session); every hold of the host
+        when session is None; or, with no host, every hold and every queued
+        ticket of the pool. step.hold is None; the events say what ended."""
+        step = Step()
+        state = self.state
+        ended = [h for h in state.holders.values()
+                 if host is None or (h.host == host and (session is None or h.session == session))]
+        for hold in ended:
+            del state.holders[hold.key]
+            step.events.append(Event(RESET, self.spec.name, hold.host, hold.label, hold.token, hold.ticket,
+                                     now, hold.session))
+        if host is None:
+            for ticket in list(state.queue.values()):
+                del state.queue[ticket.id]
+                step.events.append(Event(RESET, self.spec.name, ticket.host, ticket.label, None, ticket.id,
+                                         now, ticket.session))
+                if ticket.server is not None:
+                    state.answers[ticket.id] = Answer(RESET, 0, ticket.server)
+        return self._settle(step, now)
+
+    def block(self, now: float, until: float) -> Step:
+        """Begin a lock-delay: no grant before ``until`` (a shared backend
+        lost the pool's record, and with it holders it cannot see)."""
+        step = Step()
+        if until > self.state.blocked_until:
+            self.state.blocked_until = until
+            step.events.append(Event(BLOCKED, self.spec.name, "", "", None, None, now))
+        return step
 
     def take_answers(self, server: str) -> Dict[str, Answer]:
         """Remove and return the outcomes owed to ``server``'s tickets."""

@@ -2,21 +2,32 @@
 
 from __future__ import annotations
 
+import os
+import re
 import signal
 import sys
+import threading
 from typing import Any, List
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.task import deferLater
+from twisted.logger import Logger
 from twisted.python import usage
 
-from distributex.backend import make_backend
+from distributex import __version__
+from distributex.backend import Backend, make_backend
 from distributex.backend.statefile import StateFileError
-from distributex.config import DEFAULT_PORT, ConfigError, load_config
+from distributex.config import DEFAULT_PORT, Config, ConfigError, load_config
 from distributex.eventlog import EventLog
+from distributex.events import EventHub
+from distributex.metrics import PoolMetrics
+from distributex.operators import Operators
 from distributex.web import DistributexResource, DistributexSite
+
+
+log = Logger(namespace="distributex")
 
 
 class Options(usage.Options):
@@ -59,14 +70,56 @@ SHUTDOWN_FLUSH = 0.2
 
 
 class DistributexService(MultiService):
-    """All the server's services; stops them as the contract says SIGTERM must."""
+    """All the server's services; reloads on SIGHUP, and stops as the
+    contract says SIGTERM must."""
 
-    def __init__(self, reactor: Any, event_log: EventLog) -> None:
+    def __init__(self, reactor: Any, event_log: EventLog, config: Config, backend: Backend,
+                 resource: DistributexResource, hub: EventHub, metrics: PoolMetrics,
+                 endpoints: List[str]) -> None:
         super().__init__()
         self.reactor = reactor
         self.event_log = event_log
+        self.config = config
+        self.backend = backend
+        self.resource = resource
+        self.hub = hub
+        self.metrics = metrics
+        self.endpoints = endpoints
+
+    def startService(self) -> None:
+        super().startService()
+        self.hub.start()
+        config = self.config
+        state = config.state_file if config.backend == "inmemory" else None
+        log.info("distributex {version}: config {config}, backend {backend}, {pools} pool(s) and {patterns} "
+                 "pattern(s), listening on {endpoints}, state file {state}, access control {access}",
+                 version=__version__, config=config.source, backend=config.backend, pools=len(config.pools),
+                 patterns=len(config.pools.patterns), endpoints=", ".join(self.endpoints),
+                 state=os.path.abspath(state) if state else "none", access="off")
+        if not all(_loopback_only(e) for e in self.endpoints):
+            log.warn("no access control: anyone who can reach {endpoints} can take and release any lock",
+                     endpoints=", ".join(e for e in self.endpoints if not _loopback_only(e)))
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload))
+
+    def reload(self) -> None:
+        """Re-read the configuration file (SIGHUP): new pools appear, removed
+        ones drain, changed settings apply to new grants; a bad file changes
+        nothing."""
+        try:
+            new = load_config(self.config.source)
+        except ConfigError as e:
+            log.error("reload refused, the running configuration stays: {error}", error=str(e))
+            return
+        changes = describe_changes(self.config, new)
+        self.backend.reconfigure(new.pools)
+        self.resource.configure(new.pools)
+        self.metrics.forget_labels()
+        self.config = new
+        log.info("reloaded {config}: {changes}", config=new.source, changes="; ".join(changes) or "no change")
 
     def stopService(self) -> Any:
+        self.hub.stop()
         # Children stop in reverse order: the listeners first (stop accepting),
         # then the backend, which answers every open /wait with NO.
         d = super().stopService()
@@ -123,6 +176,40 @@ def _stop(message: str) -> None:
     raise SystemExit(1)
 
 
+#: Settings a running server cannot change: they name where the state is.
+RESTART_KEYS = ("backend", "memcache_servers", "namespace", "poll_interval", "state_file", "state_fsync")
+
+
+def describe_changes(old: Config, new: Config) -> List[str]:
+    """What a reload changes, for its log line."""
+    changes = []
+    before, after = old.pools, new.pools
+    added = [n for n in after if n not in before]
+    removed = [n for n in before if n not in after]
+    changed = [n for n in after if n in before and after[n] != before[n]]
+    if added:
+        changes.append(f"new pools {', '.join(added)}")
+    if removed:
+        changes.append(f"removed pools {', '.join(removed)} (their holds run out; new requests get 404)")
+    if changed:
+        changes.append(f"changed pools {', '.join(changed)} (for new grants and renewals)")
+    old_patterns = {p.pattern: p.template for p in before.patterns}
+    new_patterns = {p.pattern: p.template for p in after.patterns}
+    if old_patterns != new_patterns:
+        changes.append(f"patterns now {', '.join(new_patterns) or 'none'}")
+    for key in RESTART_KEYS:
+        if getattr(old, key) != getattr(new, key):
+            changes.append(f"{key} changed: it takes effect at the next restart")
+    return changes
+
+
+def _loopback_only(endpoint: str) -> bool:
+    if endpoint.startswith("unix:"):
+        return True
+    interface = re.search(r"interface=([^:]+)", endpoint)
+    return interface is not None and interface.group(1).strip("[]") in ("127.0.0.1", "::1", "localhost")
+
+
 def makeService(options: Options, reactor: Any = None) -> MultiService:
     if reactor is None:
         from twisted.internet import reactor
@@ -132,16 +219,20 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         _stop(str(e))
 
     event_log = EventLog(reactor)
-    top = DistributexService(reactor, event_log)
     try:
         backend = make_backend(config, reactor)
     except StateFileError as e:
         _stop(str(e))
-    backend.observers.append(event_log.record)
+    hub = EventHub(reactor)
+    metrics = PoolMetrics(lambda name: top.config.pools.find(name), backend.lock_delays)
+    for observer in (event_log.record, hub.record, metrics.record):
+        backend.observers.append(observer)
+    resource = DistributexResource(backend, config.pools, reactor, on_backend_error=metrics.count_backend_error)
+    top = DistributexService(reactor, event_log, config, backend, resource, hub, metrics, options.endpoints())
     backend.setServiceParent(top)
+    Operators(backend, lambda: top.config.pools, hub, metrics, reactor).install(resource)
 
-    site = DistributexSite(DistributexResource(backend, config.pools, reactor),
-                           access_log=options["access-log"])
+    site = DistributexSite(resource, access_log=options["access-log"])
     for description in options.endpoints():
         try:
             endpoint = serverFromString(reactor, description)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Sequence, Tuple
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from distributex.config import PoolSpec
 from distributex.pool import PoolState
@@ -10,13 +11,24 @@ from distributex.pool import PoolState
 Snapshot = Tuple[PoolSpec, PoolState, float]
 
 
-def status_json(pools: Sequence[Snapshot]) -> Dict[str, Any]:
+def lock_delay(state: PoolState, now: float, wall: float) -> Optional[Dict[str, Any]]:
+    """The pool's lock-delay: when it ends (wall clock) and the seconds left; None without one."""
+    remaining = state.blocked_until - now
+    if remaining <= 0:
+        return None
+    return {"until": round(wall + remaining, 3), "remaining": round(remaining, 3)}
+
+
+def status_json(pools: Sequence[Snapshot], wall: Callable[[], float] = time.time) -> Dict[str, Any]:
     out = []
+    wall_now = wall()
     for spec, state, now in pools:
         out.append({
             "name": spec.name,
             "maxlocks": spec.maxlocks,
             "expire": spec.expire,
+            "pattern": spec.pattern,
+            "lock_delay": lock_delay(state, now, wall_now),
             "holders": [{
                 "host": h.host,
                 "session": h.session or None,
@@ -46,8 +58,9 @@ def _duration(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m"
 
 
-def status_table(pools: Sequence[Snapshot]) -> str:
-    """A fixed-width table, one line per holder and waiter, one per idle pool."""
+def status_table(pools: Sequence[Snapshot], wall: Callable[[], float] = time.time) -> str:
+    """A fixed-width table, one line per holder and waiter, one per idle pool;
+    a pool in lock-delay says so, and until when."""
     rows: List[Tuple[str, ...]] = [("POOL", "SLOTS", "STATE", "HOST", "SESSION", "TOKEN", "FOR", "EXPIRES IN",
                                      "LABEL")]
     for spec, state, now in pools:
@@ -61,6 +74,12 @@ def status_table(pools: Sequence[Snapshot]) -> str:
         for i, t in enumerate(state.queue.values(), 1):
             rows.append((spec.name if first else "", slots if first else "", f"wait {i}", t.host, t.session,
                          "", _duration(now - t.queued_at), "", t.label))
+            first = False
+        delay = lock_delay(state, now, wall())
+        if delay is not None:
+            until = time.strftime("%H:%M:%S", time.localtime(delay["until"]))
+            rows.append((spec.name if first else "", slots if first else "", "lock-delay", "", "", "",
+                         f"until {until}", _duration(delay["remaining"]), "granting nothing: state was lost"))
             first = False
         if first:
             rows.append((spec.name, slots, "free", "", "", "", "", "", ""))

@@ -24,7 +24,7 @@ from twisted.web.http import HTTPChannel, datetimeToString
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site, version
 
-from distributex.backend import Backend, BackendUnavailable, QueueFull, ShuttingDown
+from distributex.backend import Backend, BackendUnavailable, QueueFull, ShuttingDown, WaitReset
 from distributex.catalog import Catalog, PoolSpec
 from distributex.pool import Hold
 from distributex.status import status_json, status_table
@@ -157,8 +157,8 @@ def _send(request: Request, code: int, word: bytes, as_json: bool,
         data, content_type = word, TEXT
     if code != 200:  # Twisted's default; setting it costs a little on every answer
         request.setResponseCode(code)
-        if fields and "reason" in fields:
-            request.setHeader(b"x-distributex-reason", fields["reason"].encode())
+    if fields and "reason" in fields:
+        request.setHeader(b"x-distributex-reason", fields["reason"].encode())
     _write(request, data, content_type)
 
 
@@ -172,10 +172,14 @@ def _write(request: Request, data: bytes, content_type: bytes) -> None:
 
 _LENGTHS = {word: b"%d" % len(word) for word in (YES, NO, OK, INVALID, ERROR)}
 
-#: What a backend answers at once: a Hold, None, or True/False; anything
-#: else is a Deferred of one. Tested this way round because
-#: isinstance(x, Deferred) goes through ABCMeta and costs several times more.
-_ANSWERS = (Hold, type(None), bool)
+#: What a backend answers at once: a Hold, the reason of a NO (str), or
+#: True/False; anything else is a Deferred of one. Tested this way round
+#: because isinstance(x, Deferred) goes through ABCMeta and costs several
+#: times more.
+_ANSWERS = (Hold, str, bool)
+
+
+Handler = Callable[[Request, bool], None]
 
 
 class DistributexResource(Resource):
@@ -183,15 +187,29 @@ class DistributexResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, backend: Backend, pools: Catalog, reactor: IReactorTime) -> None:
+    def __init__(self, backend: Backend, pools: Catalog, reactor: IReactorTime,
+                 on_backend_error: Callable[[], None] = lambda: None) -> None:
         super().__init__()
         self.backend = backend
-        self.pools = pools
         self.reactor = reactor
+        self.on_backend_error = on_backend_error
+        self._routes: Dict[bytes, Handler] = {}
+        self.add_routes({b"/get": self._get, b"/wait": self._wait, b"/release": self._release,
+                         b"/status": self._status})
+        self.configure(pools)
+
+    def configure(self, pools: Catalog) -> None:
+        """Serve these pools from now on (a reload)."""
+        self.pools = pools
         self._expire_headers = {name: _seconds(spec.expire).encode() for name, spec in pools.items()}
-        routes = {b"/get": self._get, b"/wait": self._wait, b"/release": self._release, b"/status": self._status}
-        # The trailing slash is optional: both spellings, looked up as they come.
-        self._routes = {**routes, **{path + b"/": handler for path, handler in routes.items()}}
+
+    def add_routes(self, routes: Dict[bytes, Handler]) -> None:
+        """Serve more paths; the trailing slash is optional: both spellings,
+        looked up as they come."""
+        for path, handler in routes.items():
+            self._routes[path] = handler
+            if not path.endswith(b"/") and not path.startswith(b"/static/"):
+                self._routes[path + b"/"] = handler
 
     def render(self, request: Request) -> Any:
         as_json = False
@@ -212,19 +230,23 @@ class DistributexResource(Resource):
 
     # -- endpoints -----------------------------------------------------------
 
-    def _pool(self, request: Request, host: Optional[str] = None) -> PoolSpec:
+    def _pool(self, request: Request, host: Optional[str] = None, draining: bool = False) -> PoolSpec:
+        """The pool a request names; with ``draining``, also a pool removed
+        by a reload whose holds have not all ended (they may be released)."""
         name = _param(request, b"pool")
         spec = self.pools.find(name)
+        if spec is None and draining:
+            spec = self.backend.draining(name)
         if spec is None:
             raise BadRequest(404, f"unknown pool '{name}'")
         if host is not None and not spec.allows(host):
             raise BadRequest(403, f"host '{host}' is not allowed in pool '{name}'")
         return spec
 
-    def _holder(self, request: Request) -> Tuple[PoolSpec, str, str]:
+    def _holder(self, request: Request, draining: bool = False) -> Tuple[PoolSpec, str, str]:
         """The pool, host and session of a /get, /wait or /release."""
         host = _param(request, b"host")
-        spec = self._pool(request, host)
+        spec = self._pool(request, host, draining)
         session = _param(request, b"session", required=False)
         if session is None:
             return spec, host, ""  # the 2014 identity: the host alone
@@ -249,8 +271,8 @@ class DistributexResource(Resource):
 
     def _answer_hold(self, hold: Any, request: Request, as_json: bool, spec: PoolSpec, host: str,
                      session: str) -> None:
-        if hold is None:
-            _send(request, 200, NO, as_json, _who(spec, host, session))
+        if hold.__class__ is str:  # the reason of a NO
+            _send(request, 200, NO, as_json, dict(_who(spec, host, session), reason=hold))
         else:
             self._yes(request, spec, host, session, hold.token, as_json)
 
@@ -281,6 +303,8 @@ class DistributexResource(Resource):
         def not_granted(reason: Failure) -> None:
             if reason.check(TimeoutError):
                 _send(request, 200, NO, as_json, dict(_who(spec, host, session), reason="timed out"))
+            elif reason.check(WaitReset):
+                _send(request, 409, NO, as_json, dict(_who(spec, host, session), reason="reset by an operator"))
             elif reason.check(QueueFull):
                 _send(request, 429, INVALID, as_json, dict(_who(spec, host, session), reason=str(reason.value)))
             elif reason.check(ShuttingDown):
@@ -291,7 +315,7 @@ class DistributexResource(Resource):
         waiter.addCallbacks(granted, not_granted)
 
     def _release(self, request: Request, as_json: bool) -> None:
-        spec, host, session = self._holder(request)
+        spec, host, session = self._holder(request, draining=True)
         self._reply(self.backend.release(spec.name, host, session), self._answer_release, request, as_json,
                     spec, host, session)
 
@@ -303,7 +327,7 @@ class DistributexResource(Resource):
         names: List[str] = []
         for raw in request.args.get(b"pool", []):
             name = _text(b"pool", raw)
-            if self.pools.find(name) is None:
+            if self.pools.find(name) is None and self.backend.draining(name) is None:
                 raise BadRequest(404, f"unknown pool '{name}'")
             names.append(name)
         d = self.backend.status(names or self.backend.active_pools())
@@ -321,6 +345,7 @@ class DistributexResource(Resource):
 
     def _failed(self, reason: Failure, request: Request, as_json: bool) -> None:
         if reason.check(BackendUnavailable):
+            self.on_backend_error()
             _send(request, 503, ERROR, as_json, {"reason": f"backend unavailable: {reason.value}"})
         else:
             log.failure("answering {uri}", reason, uri=request.uri)

@@ -70,7 +70,7 @@ def test_a_get_on_a_free_pool_fires_with_the_hold():
 def test_a_get_on_a_held_pool_fires_with_none():
     world = World()
     world.get("a")
-    assert world.get("b") is None
+    assert world.get("b") == "busy"
 
 
 def test_a_get_by_the_holder_fires_with_the_same_token():

@@ -43,6 +43,7 @@ from distributex.pool import (
     QUEUED,
     RELEASED,
     RENEWED,
+    Hold,
     Pool,
     Ticket,
 )
@@ -301,8 +302,8 @@ class BackendMachine(PoolModel):
         held = host in self.holders
         hold = self.result(self.backend.get("p", host[0], "", host[1]))
         if held:
-            assert hold is not None, "a holder's /get must renew"
-        if hold is not None:
+            assert isinstance(hold, Hold), "a holder's /get must renew"
+        if isinstance(hold, Hold):
             assert self.holders[host][0] == hold.token
 
     @rule(host=st.sampled_from(HOSTS), timeout=st.none() | st.sampled_from(STEPS))
@@ -335,7 +336,7 @@ class BackendMachine(PoolModel):
         host = data.draw(st.sampled_from(sorted(self.holders)))
         token = self.holders[host][0]
         hold = self.result(self.backend.get("p", host[0], "", host[1]))
-        assert hold is not None and hold.token == token
+        assert isinstance(hold, Hold) and hold.token == token
         if self.expire:
             assert hold.expires_at == self.clock.seconds() + self.expire
 

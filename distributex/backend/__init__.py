@@ -2,9 +2,9 @@
 
 import time
 
-from distributex.backend.base import Backend, BackendUnavailable, QueueFull, ShuttingDown
+from distributex.backend.base import Backend, BackendUnavailable, QueueFull, ShuttingDown, WaitReset
 
-__all__ = ["Backend", "BackendUnavailable", "QueueFull", "ShuttingDown", "make_backend"]
+__all__ = ["Backend", "BackendUnavailable", "QueueFull", "ShuttingDown", "WaitReset", "make_backend"]
 
 
 def make_backend(config, reactor) -> Backend:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import itertools
 import uuid
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
@@ -20,7 +20,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from distributex.catalog import Catalog, PoolSpec
-from distributex.pool import GRANTED, RENEWED, Event, Hold, Pool, PoolState, Step, Ticket
+from distributex.pool import BUSY, GRANTED, RENEWED, RESET, Event, Hold, Pool, PoolState, Step, Ticket
 
 Operation = Callable[[Pool, float], Step]
 Observer = Callable[[Event], None]
@@ -67,6 +67,10 @@ class QueueFull(Exception):
     """The pool's queue holds max_waiters already; str() says so."""
 
 
+class WaitReset(Exception):
+    """An operator reset the pool: the open /wait gets NO (409)."""
+
+
 class Backend(Service):
     """Pool operations for the HTTP resource, over some store of PoolStates.
 
@@ -97,15 +101,22 @@ class Backend(Service):
     # (Deferred is an Awaitable) and costs several times more.
 
     def get(self, pool: str, host: str, label: str, session: str = "") -> Any:
-        """The caller's Hold if granted or renewed, else None."""
+        """The caller's Hold if granted or renewed, else why not (a str:
+        busy, queued ahead, lock-delay until T)."""
         server = self.server_id if self.shared else None
         step = self._apply(pool, lambda p, now: p.get(host, label, now, server, session))
-        return step.hold if isinstance(step, Step) else step.addCallback(_hold)
+        return _hold(step) if isinstance(step, Step) else step.addCallback(_hold)
 
     def release(self, pool: str, host: str, session: str = "") -> Any:
         """True if the holder (host, session) held the pool."""
         step = self._apply(pool, lambda p, now: p.release(host, now, session))
         return step.hold is not None if isinstance(step, Step) else step.addCallback(_released)
+
+    def reset(self, pool: str, host: Optional[str] = None, session: Optional[str] = None) -> Any:
+        """Force-end the holder's hold (every hold of the host without a
+        session), or every hold and waiter of the pool without a host; the
+        Step, or a Deferred of it."""
+        return self._apply(pool, lambda p, now: p.reset(now, host, session))
 
     def wait(self, pool: str, host: str, label: str, session: str = "") -> Deferred:
         """Queue for the pool; fire with the granting Event.
@@ -157,6 +168,24 @@ class Backend(Service):
     def _snapshot_after(self, _: object, name: str) -> Any:
         return self._snapshot(name)
 
+    def health(self) -> Deferred[bool]:
+        """Whether the store answers (for /health)."""
+        return succeed(True)
+
+    def draining(self, pool: str) -> Optional[PoolSpec]:
+        """The spec of a pool that a reload removed while it still had
+        holds or waiters (they run out; nothing new is taken), else None."""
+        return None
+
+    def lock_delays(self) -> Dict[str, float]:
+        """Seconds left of each pool's lock-delay, for the pools in one."""
+        return {}
+
+    def reconfigure(self, pools: Catalog) -> None:
+        """Serve these pools from now on, keeping every hold and waiter:
+        a changed expire or maxlocks applies to the next grant or renewal."""
+        self.pools = pools
+
     def active_pools(self) -> List[str]:
         """The pools /status/ lists by default: the named ones, and those
         made on demand that this backend knows to be in use."""
@@ -194,11 +223,19 @@ class Backend(Service):
             for event in events:
                 observer(event)
         for event in events:
-            if event.ticket is not None and (event.kind is GRANTED or event.kind is RENEWED):
+            if event.ticket is not None and (event.kind is GRANTED or event.kind is RENEWED
+                                             or event.kind is RESET):
                 self._deliver(event.ticket, event)
 
     def _deliver(self, ticket_id: str, event: Event) -> None:
-        """The ticket's own grant or renewal: answer its /wait, once."""
+        """The ticket's own outcome: answer its /wait, once: YES for a grant
+        or renewal, NO for a reset."""
+        if event.kind is RESET:
+            if event.token is None:  # a dropped waiter, not the reset of its hold
+                waiter = self._close(ticket_id, LEFT)
+                if waiter is not None:
+                    waiter.errback(WaitReset())
+            return
         waiter = self._close(ticket_id, ANSWERED)
         if waiter is not None:
             waiter.callback(event)
@@ -246,8 +283,8 @@ def _leave_all(pool: Pool, tickets: List[str], now: float) -> Step:
     return step
 
 
-def _hold(step: Step) -> Optional[Hold]:
-    return step.hold
+def _hold(step: Step) -> Union[Hold, str]:
+    return step.hold or step.reason or BUSY
 
 
 def _released(step: Step) -> bool:

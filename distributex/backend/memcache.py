@@ -1,27 +1,97 @@
 """Pool states kept in memcached, shared by several distributex servers.
 
-Every change is one compare-and-swap transaction: read the pool's record
-with ``gets``, apply one pool rule (distributex.pool, the same rules as the
-in-memory backend), write it back with ``cas`` (or ``add`` when the record
-is new). A conflict means another server changed the pool in between: the
+Every change is one compare-and-swap transaction on the pool's record: read
+it with ``gets``, apply one pool rule (distributex.pool, the same rules as
+the in-memory backend), write it back with ``cas`` (``add`` when there was
+none). A conflict means another server changed the pool in between: the
 transaction starts again from the fresh record, a bounded number of times,
 after a short random pause. Nothing is ever written without CAS, so two
-servers can never both grant the last slot.
+servers can never both grant the last slot. A pool always lives on the same
+memcached (rendezvous hashing over the configured list, never re-hashed
+when one is down: then its pools answer ERROR).
 
 Transactions run in a bounded thread pool, because pymemcache blocks; the
-reactor thread only hands grants to waiting connections.
+reactor thread only hands answers to waiting connections. A transaction is
+a generator of phases (read, apply, write) so that tests can interleave the
+phases of several servers.
+
+Loss of data (rules 1-3). memcached forgets everything when it restarts, is
+flushed or evicts, and a forgotten holder may still be working:
+
+1. Every memcached ("node") carries a marker key, ``NS:node``, whose value
+   names the node's incarnation. It is created once, with ``add``, and never
+   overwritten; every pool record carries the incarnation it was written
+   under. Each transaction reads the record and the marker in one round
+   trip, and the heartbeat reads every node's marker every second.
+2. A server remembers the marker it last saw on each node. The node lost its
+   data when the marker is gone or differs from the one remembered, or when
+   a record names another incarnation than the marker (it survived a lost
+   marker). The server that notices first writes, with ``add``/``cas``, a
+   blocked record for every pool it knows on that node, and only then adds
+   a new marker; each server that remembered the old marker does the same
+   for its pools before it touches the node again. A blocked pool grants
+   nothing for one lock-delay: max(its lease, LOCK_DELAY_MIN). A record
+   that vanished while its marker stayed (an eviction: run memcached with
+   -M) is blocked by any server that had read it. Nothing is dropped from
+   what a server remembers before the blocked record is written.
+3. A server that remembers no marker and finds none cannot tell a brand-new
+   cluster from a total loss. It decides with memcached's own ``stats``: a
+   node that has been up MARKER_SETTLE seconds and was never flushed and
+   never evicted gets a marker at once (a new namespace: no delay). Any
+   other node gets a *settling* marker: nothing on it is granted (requests
+   wait) until MARKER_SETTLE seconds after each server first saw it, which
+   gives every live server that remembers the old marker five heartbeats to
+   write its blocks. So a server started together with (or after) a
+   restarted or flushed memcached does not grant what a running server
+   remembers. The unavoidable case: when no running server remembers the
+   node (all were down, or hung for longer than MARKER_SETTLE, when it lost
+   its data), a lost hold cannot be known, exactly as at a first start.
+
+Leases are timed by observation (rule 4). Servers' wall clocks differ, so a
+record holds no deadline: a hold carries its lease length, and its version
+(token, renewals) is timed by each server from the moment that server first
+saw it, on its own monotonic clock (CLOCK_BOOTTIME). No server ends a hold
+earlier than ``expire`` after its grant or last renewal; the first server
+whose own count has run out ends it for everyone. A lock-delay is timed the
+same way, from when each server first saw the block. Liveness cost: a
+server that first sees a hold late (it started, or had not read the pool)
+counts a whole lease from then: at most one extra lease, and only when no
+server that saw the hold earlier touches the pool. The table of first
+sightings keeps only what the records last read hold.
+
+Fencing tokens across a lost record (rule 5). Every record a server creates,
+and every lock-delay it ends, raises the pool's last token to
+max(the last token this server saw for the pool, wall clock in µs +
+TOKEN_FLOOR_MARGIN). That exceeds every token granted before provided each
+granting server's clock is within MAX_CLOCK_SKEW of the pool's memcached
+clock (so within 2 x MAX_CLOCK_SKEW of each other) and a lock-delay lasts
+longer than 2 x MAX_CLOCK_SKEW (LOCK_DELAY_MIN). Each server measures its
+offset to every memcached's clock (``stats`` time, whole seconds that lag
+by up to a second, so each sample is an interval; the samples of the last
+CLOCK_SAMPLES heartbeats are intersected) at start, every heartbeat, and
+before a transaction when the last sample is older than CLOCK_RECHECK. Past
+the bound it logs at critical level and answers ERROR (503) for the pools of
+that memcached, granting nothing, until it is back within bound.
 
 Across servers:
 
-- each server marks itself alive with a key that expires unless refreshed
-  (``PRESENCE_TTL``); queued tickets name their server, and a ticket whose
-  server has gone is dropped by whichever server next touches the pool;
+- each server marks itself alive on every node with a key that expires
+  unless refreshed (``PRESENCE_TTL``); queued tickets and undelivered answers
+  name their server, and those of a server that has gone are dropped (a
+  grant nobody was told of is given back) by whichever server next touches
+  the pool, once it has seen them for PRESENCE_TTL;
+- a local /wait is answered only by its own transition: its enqueue's own
+  grant or renewal, or the answer another server left in the record, taken
+  out by this server's transaction (never inferred from who holds);
 - a server polls, every ``poll_interval``, the pools in which it has local
-  waiters, to see grants that other servers made to them (a release through
-  this server hands over at once, without a poll);
-- a memcached that lost its data (restarted, flushed, evicted) is detected
-  by the epoch key or by a record gone while holds were known; the pool then
-  grants nothing for one lease length, so that holders it forgot can finish.
+  waiters, to take the answers other servers left for them (a release
+  through this server hands over at once, without a poll); a local ticket
+  that vanished from its record with no answer (the node lost it) is queued
+  again.
+
+Every in-process deadline (leases, blocks, settling, presence freshness,
+ticket ages) is on the monotonic clock; the wall clock is used only for
+tokens and for the times /status/ shows.
 """
 
 from __future__ import annotations
@@ -29,29 +99,55 @@ from __future__ import annotations
 import json
 import random
 import socket
+import threading
 import time
 import uuid
-from typing import Any, Callable, Dict, List, Optional, Set, Tuple
+from collections import deque
+from typing import Any, Callable, Deque, Dict, Generator, List, Optional, Set, Tuple, cast
 
-from pymemcache.client.hash import HashClient
+from pymemcache.client.base import PooledClient
 from pymemcache.client.rendezvous import RendezvousHash
 from pymemcache.exceptions import MemcacheError, MemcacheUnexpectedCloseError
 from twisted.internet.defer import Deferred, DeferredList, DeferredLock
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import LoopingCall
+from twisted.internet.task import LoopingCall, deferLater
 from twisted.internet.threads import deferToThreadPool
+from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from distributex.backend.base import Backend, BackendUnavailable, Operation
+from distributex.backend.base import LEFT, Backend, BackendUnavailable, Operation
 from distributex.config import DEFAULT_EXPIRE, Config, PoolSpec
-from distributex.pool import GRANTED, RENEWED, Answer, Event, Hold, Pool, PoolState, Step, Ticket
+from distributex.pool import Answer, Event, Hold, Pool, PoolState, Step, Ticket
+from distributex.token import TOKEN_RESOLUTION
 
-#: A server refreshes its presence key this often ...
+#: A server refreshes its presence keys (and reads every node's marker and
+#: clock) this often ...
 PRESENCE_REFRESH = 1.0
-#: ... and the key lives this long (memcached counts whole seconds), so a
+#: ... and the keys live this long (memcached counts whole seconds), so a
 #: dead server's waiters lose their places within about five seconds, while
 #: a live one survives a few slow refreshes.
 PRESENCE_TTL = 5
+#: How long a node without a marker settles before anything on it is
+#: granted, unless memcached's stats show it can have lost nothing: time for
+#: every running server that remembers the node to write its blocks.
+MARKER_SETTLE = float(PRESENCE_TTL)
+#: The largest offset allowed between a server's wall clock and a
+#: memcached's clock; past it the server grants nothing on that memcached.
+MAX_CLOCK_SKEW = 5.0
+#: Tokens of a record created afresh start this far past the creating
+#: server's clock: two servers within MAX_CLOCK_SKEW of memcached are within
+#: twice that of each other.
+TOKEN_FLOOR_MARGIN = 2 * MAX_CLOCK_SKEW
+#: The shortest lock-delay: tokens drawn from one floor must be older than
+#: the next floor's margin (see the module docstring).
+LOCK_DELAY_MIN = 2 * MAX_CLOCK_SKEW + 1.0
+#: memcached's ``time`` stat is whole seconds and is updated once a second:
+#: it lags its clock by up to this much.
+MEMCACHED_TIME_LAG = 2.0
+#: Clock samples intersected (one per heartbeat).
+CLOCK_SAMPLES = 16
+#: A transaction measures the clock again first when the last sample is older.
+CLOCK_RECHECK = 10.0
 #: CAS attempts before a transaction gives up with ERROR: contention among a
 #: handful of servers settles in two or three.
 MAX_CAS_ATTEMPTS = 12
@@ -63,86 +159,143 @@ MAX_THREADS = 8
 #: pymemcache connect and read timeout: a memcached that does not answer in
 #: a second is treated as down (ERROR, 503) rather than stalling a request.
 MEMCACHE_TIMEOUT = 1.0
+#: The record format; a record in another one counts as lost.
+RECORD_VERSION = 2
+
+#: Marker states: settling (nothing granted yet) or in use.
+SETTLING = "settling"
+IN_USE = "ok"
+
+#: The phases a transaction yields after (see MemcacheBackend._txn).
+READ = "read"
+APPLIED = "applied"
+
+#: What a transaction answers: the step, the state after it, the answers it
+#: took for this server's tickets, and its time on the monotonic clock.
+Result = Tuple[Step, PoolState, Dict[str, Answer], float]
+Marker = Tuple[str, str, float]  # incarnation, state, settling seconds
+Block = Tuple[str, float]  # block id, lock-delay seconds
+
+
+def monotonic_clock() -> Callable[[], float]:
+    """CLOCK_BOOTTIME where there is one: monotonic, and it counts a suspend."""
+    boottime = getattr(time, "CLOCK_BOOTTIME", None)
+    if boottime is None:
+        return time.monotonic
+    return lambda: time.clock_gettime(boottime)
 
 
 class _ConnectionFailed(BackendUnavailable):
     """The connection failed at once (refused, reset, closed): worth another try."""
 
 
-class _FixedRendezvousHash(RendezvousHash):
-    """Rendezvous hashing that never drops a node.
+class _NotYet(Exception):
+    """The pool's node is settling: try again in ``delay`` seconds."""
 
-    HashClient removes a failing memcached from its ring, which moves that
-    memcached's keys to another one; for a lock service that would be a
-    fresh, empty pool record and a second grant. A pool must always live on
-    the same memcached: when it is down, requests get ERROR instead.
-    """
-
-    def remove_node(self, node: Any) -> None:
-        pass
+    def __init__(self, delay: float) -> None:
+        super().__init__(delay)
+        self.delay = delay
 
 
-def make_client(servers: Tuple[Tuple[str, int], ...]) -> HashClient:
-    return HashClient(
-        list(servers), hasher=_FixedRendezvousHash, use_pooling=True,
-        connect_timeout=MEMCACHE_TIMEOUT, timeout=MEMCACHE_TIMEOUT,
-        retry_attempts=0, ignore_exc=False, default_noreply=False, no_delay=True)
+def make_nodes(servers: Tuple[Tuple[str, int], ...]) -> Dict[str, Any]:
+    """One pooled client per memcached, by "host:port"."""
+    return {f"{host}:{port}": PooledClient(
+        (host, port), connect_timeout=MEMCACHE_TIMEOUT, timeout=MEMCACHE_TIMEOUT,
+        no_delay=True, default_noreply=False) for host, port in servers}
 
 
-# -- the record ---------------------------------------------------------------
+class _Node:
+    """One memcached, and what this server knows of it."""
 
-def encode(state: PoolState) -> bytes:
-    return json.dumps({
-        "h": [[h.host, h.label, h.token, h.granted_at, h.expires_at, h.ticket, h.server, h.session, h.renewals]
-              for h in state.holders.values()],
-        "q": [[t.id, t.host, t.label, t.queued_at, t.server, t.session] for t in state.queue.values()],
-        "a": {tid: [a.kind, a.token, a.server] for tid, a in state.answers.items()},
-        "t": state.last_token,
-        "b": state.blocked_until,
-    }, separators=(",", ":")).encode()
+    def __init__(self, address: str, client: Any) -> None:
+        self.address = address
+        self.client = client
+        # Serializes this server's view of the node across worker threads.
+        self.lock = threading.RLock()
+        self.incarnation: Optional[str] = None  # the marker this server last accepted
+        self.seen: Set[str] = set()  # pools whose record it read under that marker
+        self.settling: Dict[str, float] = {}  # settling marker -> when first seen
+        self.samples: Deque[Tuple[float, float]] = deque(maxlen=CLOCK_SAMPLES)
+        self.offset: Optional[Tuple[float, float]] = None  # memcached clock - ours, bounds
+        self.measured_at: Optional[float] = None
+        self.skewed = False
 
 
-def decode(raw: bytes) -> PoolState:
-    data = json.loads(raw)
-    state = PoolState(last_token=data["t"], blocked_until=data["b"])
-    for h in data["h"]:
-        hold = Hold(*h)
-        state.holders[hold.key] = hold
-    for t in data["q"]:
-        state.queue[t[0]] = Ticket(*t)
-    for tid, a in data.get("a", {}).items():
-        state.answers[tid] = Answer(*a)
-    return state
+class _Record:
+    """A pool record decoded into this server's monotonic time."""
+
+    __slots__ = ("state", "incarnation", "loss", "block", "walls")
+
+    def __init__(self, state: PoolState, incarnation: Optional[str], loss: Optional[str],
+                 block: Optional[Block], walls: Dict[tuple, float]) -> None:
+        self.state = state
+        self.incarnation = incarnation  # the node's marker when it was written
+        self.loss = loss  # the last node incarnation whose lock-delay this pool took
+        self.block = block
+        self.walls = walls  # wall times as stored, for the times /status/ shows
+
+
+def _read_marker(raw: Optional[bytes]) -> Optional[Marker]:
+    if raw is None:
+        return None
+    try:
+        data = json.loads(raw)
+        return str(data["i"]), str(data["s"]), float(data["w"])
+    except (ValueError, KeyError, TypeError):
+        # Not ours: a marker that cannot be read is as good as a lost one.
+        return ("?" + raw.hex()[:32], IN_USE, 0.0)
+
+
+def _marker(incarnation: str, state: str, settle: float = MARKER_SETTLE) -> bytes:
+    return json.dumps({"i": incarnation, "s": state, "w": settle}, separators=(",", ":")).encode()
+
+
+def _drive(transaction: Generator[str, None, Result]) -> Result:
+    """Run a transaction's phases to the end."""
+    while True:
+        try:
+            next(transaction)
+        except StopIteration as done:
+            return done.value
 
 
 class MemcacheBackend(Backend):
     shared = True
 
-    def __init__(self, config: Config, reactor: IReactorTime, client: Any = None) -> None:
+    def __init__(self, config: Config, reactor: IReactorTime, nodes: Optional[Dict[str, Any]] = None,
+                 mono: Optional[Callable[[], float]] = None, wall: Optional[Callable[[], float]] = None) -> None:
         super().__init__(config.pools, reactor)
         self.namespace = config.namespace
         self.poll_interval = config.poll_interval
-        self.client = client if client is not None else make_client(config.memcache_servers)
+        self.mono = mono if mono is not None else monotonic_clock()
+        self.wall = wall if wall is not None else time.time
+        clients = nodes if nodes is not None else make_nodes(config.memcache_servers)
+        self.nodes = {address: _Node(address, client) for address, client in clients.items()}
+        # The same placement as pymemcache's HashClient, and never re-hashed.
+        self._ring = RendezvousHash(list(self.nodes))
+        self._node_of: Dict[str, _Node] = {}
         self.threads = ThreadPool(minthreads=1, maxthreads=MAX_THREADS, name="distributex-memcache")
         # One transaction per pool at a time from this server: local
         # requests queue here instead of fighting each other with CAS.
-        self._locks = {name: DeferredLock() for name in self.pools}
-        # Pools whose record we last saw holding or queueing: if such a
-        # record vanishes, memcached lost it.
-        self._known_busy: Set[str] = set()
-        self._epoch: Optional[bytes] = None
-        self._presence: Dict[str, Tuple[bool, float]] = {}  # server id -> (alive, checked at)
+        self._locks: Dict[str, DeferredLock] = {}
+        self._used: Set[str] = set()  # pools this server has touched
+        # When this server first saw each thing in a pool's record (lease
+        # versions, blocks, tickets, answers), on its monotonic clock.
+        self._obs: Dict[str, Dict[tuple, float]] = {}
+        self._last_token: Dict[str, int] = {}  # the highest token seen, by pool
+        self._presence: Dict[Tuple[str, str], Tuple[bool, float]] = {}  # (node, server) -> (alive, checked)
         # Tickets that left locally but whose leave has not reached
         # memcached yet (it was down): retried by the poller.
         self._orphans: Dict[str, str] = {}  # ticket id -> pool
         # Local tickets seen in their pool's record: if one vanishes without
-        # a grant (memcached lost its data), the poller queues it again.
+        # an answer (memcached lost its data), the poller queues it again.
         self._queued: Dict[str, Ticket] = {}
         self._polling: Set[str] = set()
+        self._stopping = False
         self._poller = LoopingCall(self._poll)
         self._heartbeat = LoopingCall(self._beat)
 
-    # -- keys ------------------------------------------------------------------
+    # -- keys and places -----------------------------------------------------------
 
     def _pool_key(self, name: str) -> str:
         return f"{self.namespace}:pool:{name}"
@@ -151,27 +304,43 @@ class MemcacheBackend(Backend):
         return f"{self.namespace}:server:{server_id}"
 
     @property
-    def _epoch_key(self) -> str:
-        return f"{self.namespace}:epoch"
+    def _marker_key(self) -> str:
+        return f"{self.namespace}:node"
+
+    def _node(self, name: str) -> _Node:
+        node = self._node_of.get(name)
+        if node is None:
+            node = self._node_of[name] = self.nodes[self._ring.get_node(self._pool_key(name))]
+        return node
+
+    def _spec(self, name: str) -> Optional[PoolSpec]:
+        find = getattr(self.pools, "find", None)
+        return find(name) if find is not None else self.pools.get(name)
+
+    def _pools_on(self, node: _Node) -> List[str]:
+        """The pools this server knows (configured, or used) that live on the node."""
+        return sorted(name for name in set(self.pools) | self._used if self._node(name) is node)
 
     # -- service -----------------------------------------------------------------
 
     def startService(self) -> None:
         super().startService()
+        self._stopping = False
         self.threads.start()
         self._heartbeat.start(PRESENCE_REFRESH, now=True).addErrback(self._crashed, "heartbeat")
         self._poller.start(self.poll_interval, now=False).addErrback(self._crashed, "poller")
 
     def stopService(self) -> Deferred:
         super().stopService()
+        self._stopping = True
         for loop in (self._poller, self._heartbeat):
             if loop.running:
                 loop.stop()
         leaving = [self._leave(pool, tickets) for pool, tickets in self._answer_waiters().items()]
         d = DeferredList(leaving, consumeErrors=True)
         # Other servers may drop our remaining tickets at once instead of
-        # waiting for the presence key to expire.
-        d.addCallback(lambda _: self._in_thread(self._call, self.client.delete, self._server_key(self.server_id)))
+        # waiting for the presence keys to expire.
+        d.addCallback(lambda _: self._in_thread(self._clear_presence))
         d.addErrback(lambda f: self.log.warn("could not clear this server's presence: {f.value}", f=f))
         d.addBoth(lambda _: self.threads.stop())
         return d
@@ -182,23 +351,43 @@ class MemcacheBackend(Backend):
     # -- operations ----------------------------------------------------------------
 
     def _in_thread(self, f: Callable, *args: Any) -> Deferred:
-        return deferToThreadPool(self.reactor, self.threads, f, *args)
+        return deferToThreadPool(cast(Any, self.reactor), self.threads, f, *args)
 
     def _run(self, name: str, operation: Operation) -> Deferred:
-        d = self._locks[name].run(self._in_thread, self._transact, name, operation)
+        self._used.add(name)
+        lock = self._locks.get(name)
+        if lock is None:
+            lock = self._locks[name] = DeferredLock()
+        d = lock.run(self._attempt, name, operation)
         d.addCallback(self._committed, name)
         return d
+
+    def _attempt(self, name: str, operation: Operation) -> Deferred:
+        return self._submit(name, operation).addErrback(self._later, name, operation)
+
+    def _later(self, failure: Failure, name: str, operation: Operation) -> Deferred:
+        """The node is settling: the request waits, then tries again."""
+        failure.trap(_NotYet)
+        if self._stopping:
+            raise BackendUnavailable("the server is stopping")
+        delay = cast(_NotYet, failure.value).delay
+        return deferLater(self.reactor, delay, self._attempt, name, operation)
+
+    def _submit(self, name: str, operation: Operation) -> Deferred:
+        """Run one transaction (a hook: tests run the phases themselves)."""
+        return self._in_thread(self._transact, name, operation)
+
+    def _transact(self, name: str, operation: Operation) -> Result:
+        return _drive(self._txn(name, operation))
 
     def _apply(self, name: str, operation: Operation) -> Deferred:
         return self._run(name, operation).addCallback(lambda result: result[0])
 
     def _snapshot(self, name: str) -> Deferred:
-        return self._run(name, _tick).addCallback(
-            lambda result: (self.pools[name], result[1], self.reactor.seconds()))
+        return self._run(name, _tick).addCallback(lambda result: (self._spec(name), result[1], result[3]))
 
-    def _committed(self, result: Tuple[Step, PoolState, Dict[str, Answer]], name: str
-                   ) -> Tuple[Step, PoolState, Dict[str, Answer]]:
-        step, state, answers = result
+    def _committed(self, result: Result, name: str) -> Result:
+        step, state, answers, now = result
         self._dispatch(step)
         # Grants that other servers made to our tickets: the transaction took
         # their outcomes out of the record, so each is delivered once, here.
@@ -206,7 +395,7 @@ class MemcacheBackend(Backend):
             local = self._tickets.get(ticket_id)
             if local is not None:
                 self._deliver(ticket_id, Event(answer.kind, name, local.host, "", answer.token,
-                                               ticket_id, self.reactor.seconds(), local.session))
+                                               ticket_id, now, local.session))
         for ticket_id, local in self._tickets.items():
             if local.pool == name:
                 ticket = state.queue.get(ticket_id)
@@ -239,134 +428,467 @@ class MemcacheBackend(Backend):
         except MemcacheError as e:  # an answer, not a lost connection: retrying will not help
             raise BackendUnavailable(f"memcached: {e or type(e).__name__}") from None
 
-    def _transact(self, name: str, operation: Operation) -> Tuple[Step, PoolState, Dict[str, Answer]]:
-        # After a memcached restart every pooled connection (one per thread)
-        # is dead, and each fails once, at once, before pymemcache replaces
-        # it. Retrying is safe: the transaction starts again from a fresh
-        # read, and an operation whose write did land finds itself done.
-        for _ in range(MAX_THREADS):
+    def _txn(self, name: str, operation: Operation) -> Generator[str, None, Result]:
+        """One transaction, as phases: it yields READ once the record is
+        read, APPLIED once the rule is applied (the write comes next), and
+        returns the Result once the write landed.
+
+        After a memcached restart every pooled connection is dead, and each
+        fails once, at once, before pymemcache replaces it. Retrying is safe:
+        the transaction starts again from a fresh read, and an operation
+        whose write did land finds itself done.
+        """
+        spec = self._spec(name)
+        if spec is None:
+            raise BackendUnavailable(f"no pool {name!r}")
+        node = self._node(name)
+        key, marker_key = self._pool_key(name), self._marker_key
+        failures = attempts = 0
+        while True:
             try:
-                return self._try_transact(name, operation)
+                self._check_clock(node)
+                got = self._call(node.client.gets_many, [key, marker_key])
+                yield READ
+                now, wall = self.mono(), self.wall()
+                raw, cas = got.get(key, (None, None))
+                marker = _read_marker(got[marker_key][0] if marker_key in got else None)
+                incarnation, settling = self._sync(node, marker, raw is not None, now)
+                if incarnation is None:
+                    # The node's marker was just dealt with: read again.
+                    attempts += 1
+                    if attempts >= MAX_CAS_ATTEMPTS:
+                        raise BackendUnavailable(f"pool {name!r}: memcached {node.address} keeps changing")
+                    continue
+                record, data, step, answers = self._transition(node, spec, incarnation, settling, raw,
+                                                               operation, now, wall)
+                yield APPLIED
+                if data is None:
+                    self._noted(node, name, incarnation, record.state)
+                    return step, record.state, answers, now  # nothing to write
+                if raw is None:
+                    stored = self._call(node.client.add, key, data, noreply=False)
+                else:
+                    stored = self._call(node.client.cas, key, data, cas, noreply=False)
+                if stored:
+                    if raw is None:
+                        self._check_unchanged(node, incarnation)
+                    self._noted(node, name, incarnation, record.state)
+                    return step, record.state, answers, now
+                attempts += 1
+                if attempts >= MAX_CAS_ATTEMPTS:
+                    raise BackendUnavailable(
+                        f"pool {name!r}: too much contention ({MAX_CAS_ATTEMPTS} CAS conflicts)")
+                time.sleep(random.uniform(0, CAS_BACKOFF * 2 ** attempts))
             except _ConnectionFailed:
-                pass
-        return self._try_transact(name, operation)
+                failures += 1
+                if failures > MAX_THREADS:
+                    raise
 
-    def _try_transact(self, name: str, operation: Operation) -> Tuple[Step, PoolState, Dict[str, Answer]]:
-        spec = self.pools[name]
-        key = self._pool_key(name)
-        for attempt in range(MAX_CAS_ATTEMPTS):
-            raw, cas = self._call(self.client.gets, key)
-            now = self.reactor.seconds()
-            if raw is not None:
-                state = decode(raw)
-            elif self._epoch_lost():
-                self._block_all()
-                continue  # read the blocked record _block_all wrote
-            else:
-                state = self._fresh_state(spec, now)
-            pool = Pool(spec, state)
-            pruned = self._prune(pool, now)
-            step = operation(pool, now)
-            step.events[:0] = pruned
-            answers = pool.take_answers(self.server_id)
-            if not step.events and not answers and (raw is not None or not state.blocked_until):
-                self._note(name, state)
-                return step, state, answers  # nothing to write
-            data = encode(state)
-            if raw is None:
-                stored = self._call(self.client.add, key, data, noreply=False)
-            else:
-                stored = self._call(self.client.cas, key, data, cas, noreply=False)
-            if stored:
-                self._note(name, state)
-                return step, state, answers
-            time.sleep(random.uniform(0, CAS_BACKOFF * 2 ** attempt))
-        raise BackendUnavailable(f"pool {name!r}: too much contention ({MAX_CAS_ATTEMPTS} CAS conflicts)")
+    def _transition(self, node: _Node, spec: PoolSpec, incarnation: str, settling: float,
+                    raw: Optional[bytes], operation: Operation, now: float, wall: float
+                    ) -> Tuple[_Record, Optional[bytes], Step, Dict[str, Answer]]:
+        """Apply the operation to the record read; the bytes to write, if any.
 
-    def _note(self, name: str, state: PoolState) -> None:
-        if state.holders or state.queue:
-            self._known_busy.add(name)
+        While the node settles, a pool that could grant waits (_NotYet); one
+        in lock-delay past the settling answers at once (it grants nothing).
+        """
+        name = spec.name
+        dirty = raw is None
+        lost = None
+        if raw is None:
+            record = _Record(PoolState(last_token=self._floor(name, wall)), incarnation, None, None, {})
+            self._obs[name] = {}
+            if name in node.seen:
+                lost = "its record vanished (evicted? run memcached with -M)"
         else:
-            self._known_busy.discard(name)
+            record = self._load(name, raw, now, wall)
+            if record.incarnation != incarnation and record.loss != incarnation:
+                lost = "its record predates the node's marker (the marker was lost)"
+        if lost is not None:
+            self._block_record(record, spec, incarnation, now, wall)
+            dirty = True
+            self.log.critical(
+                "memcached lost pool {pool} on {node}: {why}; granting nothing in it for {delay:g} s "
+                "so that forgotten holders can finish", node=node.address, pool=name, why=lost,
+                delay=_lock_delay(spec))
+        state = record.state
+        if settling and state.blocked_until < settling:
+            raise _NotYet(settling - now)
+        if record.block is not None and state.blocked_until <= now:
+            # This server saw the lock-delay through: it ends for everyone.
+            record.block = None
+            state.blocked_until = 0.0
+            state.last_token = max(state.last_token, self._floor(name, wall))
+            dirty = True
+        if record.incarnation != incarnation:
+            record.incarnation = incarnation
+            dirty = True
+        pool = Pool(spec, state, self.wall)
+        pruned = self._prune(node, pool, now)
+        step = operation(pool, now)
+        step.events[:0] = pruned
+        answers = pool.take_answers(self.server_id)
+        if step.events or answers:
+            dirty = True
+        return record, (self._dump(name, record, now, wall) if dirty else None), step, answers
 
-    def _fresh_state(self, spec: PoolSpec, now: float) -> PoolState:
-        """The state of a pool with no record: new, or evicted while we knew it busy."""
-        if spec.name not in self._known_busy:
-            return PoolState()
-        self._known_busy.discard(spec.name)
-        delay = spec.expire or DEFAULT_EXPIRE
+    def _block_record(self, record: _Record, spec: PoolSpec, incarnation: str, now: float, wall: float) -> None:
+        block = (uuid.uuid4().hex[:16], _lock_delay(spec))
+        self._obs.setdefault(spec.name, {})[("b", block[0])] = now
+        record.block = block
+        record.loss = incarnation
+        record.incarnation = incarnation
+        record.state.blocked_until = now + block[1]
+        record.state.last_token = max(record.state.last_token, self._floor(spec.name, wall))
+
+    def _check_unchanged(self, node: _Node, incarnation: str) -> None:
+        """After an ``add``: the node kept its marker, so it did not restart
+        between our read and our write (an ``add`` lands on an empty node)."""
+        marker = _read_marker(self._call(node.client.get, self._marker_key))
+        if marker is None or marker[0] != incarnation:
+            # The record we wrote names the old marker: the next reader
+            # blocks the pool. Our step is not answered.
+            raise BackendUnavailable(f"memcached {node.address} lost its data during the request")
+
+    def _noted(self, node: _Node, name: str, incarnation: str, state: PoolState) -> None:
+        with node.lock:
+            if node.incarnation == incarnation:
+                node.seen.add(name)
+        self._saw_token(name, state.last_token)
+
+    def _saw_token(self, name: str, token: int) -> None:
+        if token > self._last_token.get(name, 0):
+            self._last_token[name] = token
+
+    def _floor(self, name: str, wall: float) -> int:
+        """The last token of a record created or unblocked now: above any
+        token granted before, by any server within the clock bound."""
+        return max(self._last_token.get(name, 0), int((wall + TOKEN_FLOOR_MARGIN) * TOKEN_RESOLUTION))
+
+    # -- the record ----------------------------------------------------------------
+
+    def _load(self, name: str, raw: bytes, now: float, wall: float) -> _Record:
+        """Decode a record, translating its times into this server's clock:
+        each lease version, block, ticket and answer counts from when this
+        server first saw it."""
+        old = self._obs.get(name, {})
+        obs: Dict[tuple, float] = {}
+
+        def first_seen(key: tuple) -> float:
+            at = old.get(key, now)
+            obs[key] = at
+            return at
+
+        data: Any = None
+        try:
+            data = json.loads(raw)
+            if data.get("v") != RECORD_VERSION:
+                raise ValueError("record version")
+        except (ValueError, AttributeError):
+            # Another format (an older distributex): what it held is
+            # unknown here, so it counts as lost; its last token is kept.
+            self._obs[name] = obs
+            token = data.get("t") if isinstance(data, dict) else None
+            state = PoolState(last_token=token if isinstance(token, int) else 0)
+            self._saw_token(name, state.last_token)
+            return _Record(state, None, None, None, {})
+        state = PoolState(last_token=data["tok"])
+        walls: Dict[tuple, float] = {}
+        for host, session, label, token, renewals, granted, lease, ticket, server in data["h"]:
+            start = first_seen(("h", host, session, token, renewals))
+            walls[("h", host, session, token)] = granted
+            state.holders[(host, session)] = Hold(
+                host, label, token, min(now, now - (wall - granted)), None if lease is None else start + lease,
+                ticket, server, session, renewals)
+        for ticket_id, host, session, label, queued, server in data["q"]:
+            first_seen(("t", ticket_id))
+            walls[("t", ticket_id)] = queued
+            state.queue[ticket_id] = Ticket(ticket_id, host, label, min(now, now - (wall - queued)), server, session)
+        for ticket_id, (kind, token, server) in data["a"].items():
+            first_seen(("a", ticket_id))
+            state.answers[ticket_id] = Answer(kind, token, server)
+            if token is not None:
+                self._saw_token(name, token)
+        block = data["b"]
+        if block is not None:
+            block = (block[0], block[1])
+            state.blocked_until = first_seen(("b", block[0])) + block[1]
+        self._obs[name] = obs  # only what the record holds: the table stays bounded
+        self._saw_token(name, state.last_token)
+        return _Record(state, data["n"], data["L"], block, walls)
+
+    def _dump(self, name: str, record: _Record, now: float, wall: float) -> bytes:
+        obs = self._obs.setdefault(name, {})
+        walls = record.walls
+        state = record.state
+        holds = []
+        for h in state.holders.values():
+            # A version this server has not seen before is new: it starts now.
+            start = obs.setdefault(("h", h.host, h.session, h.token, h.renewals), now)
+            granted = walls.get(("h", h.host, h.session, h.token), wall - (now - h.granted_at))
+            holds.append([h.host, h.session, h.label, h.token, h.renewals, granted,
+                          None if h.expires_at is None else h.expires_at - start, h.ticket, h.server])
+        queue = []
+        for t in state.queue.values():
+            obs.setdefault(("t", t.id), now)
+            queue.append([t.id, t.host, t.session, t.label, walls.get(("t", t.id), wall - (now - t.queued_at)),
+                          t.server])
+        for ticket_id in state.answers:
+            obs.setdefault(("a", ticket_id), now)
+        return json.dumps({
+            "v": RECORD_VERSION,
+            "n": record.incarnation,
+            "L": record.loss,
+            "tok": state.last_token,
+            "b": None if record.block is None else list(record.block),
+            "h": holds,
+            "q": queue,
+            "a": {tid: [a.kind, a.token, a.server] for tid, a in state.answers.items()},
+        }, separators=(",", ":")).encode()
+
+    # -- the node: its marker, its losses, its clock ----------------------------
+
+    def _sync(self, node: _Node, marker: Optional[Marker], has_record: bool, now: float,
+              create: bool = True) -> Tuple[Optional[str], float]:
+        """Check the node's marker against what this server remembers.
+
+        Returns the node's incarnation when the pool may be used, and until
+        when the node settles (0 when it does not): nothing on it may be
+        granted before. The incarnation is None when the marker was dealt
+        with (a loss blocked, a marker created) and the caller must read
+        again.
+        """
+        with node.lock:
+            known = node.incarnation
+            if marker is None:
+                if known is not None or has_record:
+                    self._lost(node, None, now)
+                elif create:
+                    self._create_marker(node)
+                return None, 0.0
+            incarnation, state, settle = marker
+            if incarnation != known:
+                if known is not None:
+                    self._lost(node, marker, now)
+                    return None, 0.0
+                self._adopt(node, incarnation)
+            if state == SETTLING:
+                until = node.settling.setdefault(incarnation, now) + settle
+                if now < until:
+                    return incarnation, until
+                self._settled(node, incarnation)
+            return incarnation, 0.0
+
+    def _adopt(self, node: _Node, incarnation: str) -> None:
+        node.incarnation = incarnation
+        node.seen = set()
+        node.settling = {k: v for k, v in node.settling.items() if k == incarnation}
+
+    def _lost(self, node: _Node, marker: Optional[Marker], now: float) -> None:
+        """The node lost its data: block every pool this server knows there,
+        then (if it has none) give the node a new, settling marker."""
+        incarnation = marker[0] if marker is not None else uuid.uuid4().hex
+        names = self._pools_on(node)
+        for name in names:
+            self._block(node, name, incarnation, now)
+        if marker is None and not self._call(node.client.add, self._marker_key,
+                                             _marker(incarnation, SETTLING), noreply=False):
+            # Another server gave it a marker first: the next read deals with
+            # that one (the blocks just written name ours, so count as lost).
+            return
         self.log.critical(
-            "memcached lost the record of busy pool {pool} (evicted? run memcached with -M): "
-            "granting nothing in it for {delay:g} s so that forgotten holders can finish",
-            pool=spec.name, delay=delay)
-        return PoolState(blocked_until=now + delay)
+            "memcached lost its data (restarted, flushed or evicted) on {node}: pools {pools} grant "
+            "nothing for one lease (lock-delay) so that holders it forgot can finish",
+            node=node.address, pools=", ".join(names) or "(none known here)")
+        self._adopt(node, incarnation)
 
-    def _epoch_lost(self) -> bool:
-        """True when memcached no longer has the epoch this server saw: it lost its data."""
-        epoch = self._call(self.client.get, self._epoch_key)
-        if epoch is not None and epoch == self._epoch:
-            return False
-        known = self._epoch
-        if epoch is None:
-            if not self._call(self.client.add, self._epoch_key, uuid.uuid4().hex.encode(), noreply=False):
-                pass  # another server wrote it first
-            epoch = self._call(self.client.get, self._epoch_key)
-        self._epoch = epoch
-        return known is not None
+    def _block(self, node: _Node, name: str, incarnation: str, now: float) -> None:
+        """Write the pool's lock-delay for this loss, unless it has it already.
+        Its writer counts it from now (the loss happened before)."""
+        spec = self._spec(name)
+        if spec is None:
+            return
+        key = self._pool_key(name)
+        for _ in range(MAX_CAS_ATTEMPTS):
+            raw, cas = self._call(node.client.gets, key)
+            wall = self.wall()
+            floor = self._floor(name, wall)
+            block = [uuid.uuid4().hex[:16], _lock_delay(spec)]
+            data: Dict[str, Any]
+            if raw is None:
+                data = {"v": RECORD_VERSION, "n": incarnation, "L": incarnation, "tok": floor, "b": block,
+                        "h": [], "q": [], "a": {}}
+                if self._call(node.client.add, key, _json(data), noreply=False):
+                    self._obs.setdefault(name, {})[("b", block[0])] = now
+                    return
+                continue
+            try:
+                data = json.loads(raw)
+                if data.get("v") != RECORD_VERSION:
+                    raise ValueError("record version")
+            except (ValueError, AttributeError):
+                data = {"v": RECORD_VERSION, "n": None, "L": None, "tok": 0, "b": None, "h": [], "q": [], "a": {}}
+            if data["L"] == incarnation:
+                return  # blocked for this loss already
+            self._saw_token(name, data["tok"])
+            data.update(n=incarnation, L=incarnation, b=block, tok=max(data["tok"], floor))
+            if self._call(node.client.cas, key, _json(data), cas, noreply=False):
+                self._obs.setdefault(name, {})[("b", block[0])] = now
+                return
+        raise BackendUnavailable(f"pool {name!r}: too much contention while blocking it")
 
-    def _block_all(self) -> None:
-        """memcached lost its data: every pool whose record is gone grants nothing
-        for one lease length, like Chubby's lock-delay."""
-        now = self.reactor.seconds()
-        for spec in self.pools.values():
-            state = PoolState(blocked_until=now + (spec.expire or DEFAULT_EXPIRE))
-            if self._call(self.client.add, self._pool_key(spec.name), encode(state), noreply=False):
+    def _create_marker(self, node: _Node) -> None:
+        """A node with no marker that nobody here remembers: in use at once
+        if its stats show it can have lost nothing, else settling."""
+        stats = self._stats(node)
+        fresh = (stats.get(b"uptime", 0) >= MARKER_SETTLE and not stats.get(b"cmd_flush", 0)
+                 and not stats.get(b"evictions", 0))
+        self._call(node.client.add, self._marker_key,
+                   _marker(uuid.uuid4().hex, IN_USE if fresh else SETTLING), noreply=False)
+
+    def _settled(self, node: _Node, incarnation: str) -> None:
+        raw, cas = self._call(node.client.gets, self._marker_key)
+        marker = _read_marker(raw)
+        if marker is not None and marker[0] == incarnation and marker[1] == SETTLING:
+            self._call(node.client.cas, self._marker_key, _marker(incarnation, IN_USE), cas, noreply=False)
+
+    def _stats(self, node: _Node) -> Dict[bytes, Any]:
+        stats: Dict[bytes, Any] = self._call(node.client.stats)
+        return stats
+
+    def _measure(self, node: _Node) -> None:
+        """One sample of the offset between memcached's clock and ours."""
+        before = self.wall()
+        stats = self._stats(node)
+        after = self.wall()
+        at = float(stats[b"time"])
+        sample = (at - after, at + MEMCACHED_TIME_LAG - before)
+        with node.lock:
+            node.samples.append(sample)
+            low = max(s[0] for s in node.samples)
+            high = min(s[1] for s in node.samples)
+            if low > high:  # a clock was stepped: start again
+                node.samples.clear()
+                node.samples.append(sample)
+                low, high = sample
+            node.offset = (low, high)
+            node.measured_at = self.mono()
+            worst = max(abs(low), abs(high))
+            skewed = worst > MAX_CLOCK_SKEW
+            if skewed and not node.skewed:
                 self.log.critical(
-                    "memcached lost its data (restarted or flushed): pool {pool} grants "
-                    "nothing for {delay:g} s so that forgotten holders can finish",
-                    pool=spec.name, delay=state.blocked_until - now)
+                    "this server's clock is {low:+.1f} to {high:+.1f} s off memcached {node}'s, more than "
+                    "{bound:g} s: its pools answer ERROR until the clocks agree again (run NTP)",
+                    low=-high, high=-low, node=node.address, bound=MAX_CLOCK_SKEW)
+            elif node.skewed and not skewed:
+                self.log.info("this server's clock agrees with memcached {node}'s again", node=node.address)
+            node.skewed = skewed
 
-    def _prune(self, pool: Pool, now: float) -> List[Event]:
-        """Drop queued tickets whose server has died."""
-        others = {t.server for t in pool.state.queue.values() if t.server != self.server_id}
+    def _check_clock(self, node: _Node) -> None:
+        if node.measured_at is None or self.mono() - node.measured_at > CLOCK_RECHECK:
+            self._measure(node)
+        if node.skewed:
+            raise BackendUnavailable(
+                f"this server's clock is more than {MAX_CLOCK_SKEW:g} s off memcached {node.address}'s")
+
+    # -- presence ------------------------------------------------------------------
+
+    def _prune(self, node: _Node, pool: Pool, now: float) -> List[Event]:
+        """Drop the queued tickets and undelivered answers of servers that
+        have died; a grant nobody was told of is given back."""
+        state = pool.state
+        others = {t.server for t in state.queue.values()} | {a.server for a in state.answers.values()}
+        others.discard(self.server_id)
+        others.discard(None)
         if not others:
             return []
-        stale = [s for s in others if s not in self._presence or self._presence[s][1] < now - PRESENCE_REFRESH]
-        if stale:
-            found = self._call(self.client.get_many, [self._server_key(s) for s in stale])
-            for s in stale:
-                self._presence[s] = (self._server_key(s) in found, now)
-        dead = {s for s in others if not self._presence[s][0]}
+        dead = self._dead(node, others, now)  # type: ignore[arg-type]
         if not dead:
             return []
-        # A ticket younger than the presence TTL may belong to a server that
-        # has not written its presence yet.
-        return pool.prune(lambda t: t.server in dead and t.queued_at < now - PRESENCE_TTL, now).events
+        # A ticket seen for less than the presence TTL may belong to a server
+        # that has not written its presence yet.
+        obs = self._obs.get(pool.spec.name, {})
+        old = now - PRESENCE_TTL
+        events = pool.prune(lambda t: t.server in dead and obs.get(("t", t.id), now) <= old, now).events
+        for ticket_id, answer in list(state.answers.items()):
+            if answer.server in dead and obs.get(("a", ticket_id), now) <= old:
+                events += pool.leave(ticket_id, now).events
+        return events
+
+    def _dead(self, node: _Node, servers: Set[str], now: float) -> Set[str]:
+        stale = [s for s in servers if (node.address, s) not in self._presence
+                 or self._presence[(node.address, s)][1] < now - PRESENCE_REFRESH]
+        if stale:
+            found = self._call(node.client.get_many, [self._server_key(s) for s in stale])
+            for s in stale:
+                self._presence[(node.address, s)] = (self._server_key(s) in found, now)
+        return {s for s in servers if not self._presence[(node.address, s)][0]}
+
+    def _clear_presence(self) -> None:
+        for node in self.nodes.values():
+            try:
+                self._call(node.client.delete, self._server_key(self.server_id), noreply=False)
+            except BackendUnavailable as e:
+                self.log.warn("could not clear this server's presence on {node}: {e}", node=node.address, e=e)
 
     # -- background work ----------------------------------------------------------
 
     def _beat(self) -> Deferred:
-        def beat() -> None:
-            self._call(self.client.set, self._server_key(self.server_id), b"1",
-                       expire=PRESENCE_TTL, noreply=False)
-            if self._epoch_lost():
-                self._block_all()
-        d = self._in_thread(beat)
+        d = self._in_thread(self._beat_now)
         d.addErrback(lambda f: self.log.error("memcached heartbeat failed: {f.value}", f=f))
         return d
+
+    def _beat_now(self) -> None:
+        """Every node: this server's presence, the clock offset, the marker."""
+        for node in self.nodes.values():
+            try:
+                self._call(node.client.set, self._server_key(self.server_id), b"1",
+                           expire=PRESENCE_TTL, noreply=False)
+                self._measure(node)
+                marker = _read_marker(self._call(node.client.get, self._marker_key))
+                self._sync(node, marker, False, self.mono(), create=False)
+            except BackendUnavailable as e:
+                self.log.error("memcached {node} heartbeat failed: {e}", node=node.address, e=e)
+        forget = self.mono() - 60 * PRESENCE_TTL
+        for key in [k for k, (_, at) in self._presence.items() if at < forget]:
+            self._presence.pop(key, None)
 
     def _poll(self) -> None:
         """Re-read the pools where local connections wait (grants by other
         servers, expiries, dead servers' tickets) or where a leave is owed."""
-        waiting = {local.pool for local in self._tickets.values()}
-        for name in (waiting | set(self._orphans.values())) - self._polling:
+        waiting = set()
+        for ticket_id, local in list(self._tickets.items()):
+            if self._node(local.pool).skewed:
+                # This server's clock is off: its waiters get ERROR now
+                # rather than a grant it cannot make safely.
+                waiter = self._close(ticket_id, LEFT)
+                if waiter is not None:
+                    self._orphans[ticket_id] = local.pool
+                    waiter.errback(BackendUnavailable("this server's clock is off memcached's"))
+                continue
+            waiting.add(local.pool)
+        owing = {pool for pool in self._orphans.values() if not self._node(pool).skewed}
+        for name in (waiting | owing) - self._polling:
             self._polling.add(name)
             owed = [t for t, pool in self._orphans.items() if pool == name]
             mine = [t for t in self._queued.values() if t.id in self._tickets and self._tickets[t.id].pool == name]
             d = self._leave(name, owed) if owed else self._apply(name, lambda p, now: _requeue(p, mine, now))
-            d.addErrback(lambda f, name=name: self.log.error(
-                "polling pool {pool}: {f.value}", pool=name, f=f))
-            d.addBoth(lambda _, name=name: self._polling.discard(name))
+            d.addErrback(self._poll_failed, name)
+            d.addBoth(self._polled, name)
+
+    def _poll_failed(self, failure: Failure, name: str) -> None:
+        self.log.error("polling pool {pool}: {f.value}", pool=name, f=failure)
+
+    def _polled(self, _: object, name: str) -> None:
+        self._polling.discard(name)
+
+
+def _lock_delay(spec: PoolSpec) -> float:
+    return max(spec.expire or DEFAULT_EXPIRE, LOCK_DELAY_MIN)
+
+
+def _json(data: Dict[str, Any]) -> bytes:
+    return json.dumps(data, separators=(",", ":")).encode()
 
 
 def _tick(pool: Pool, now: float) -> Step:
@@ -376,10 +898,11 @@ def _tick(pool: Pool, now: float) -> Step:
 def _requeue(pool: Pool, tickets: List[Ticket], now: float) -> Step:
     """Settle the pool, and queue again the local tickets that vanished from it.
 
-    A ticket this server saw queued that is neither queued nor granted any
+    A ticket this server saw queued that is neither queued nor answered any
     more was lost with memcached's data (or dropped by a server that took
     this one for dead): its connection still waits, so it queues again, at
-    the back, since the order was lost too.
+    the back, since the order was lost too. A ticket with an answer waiting
+    is not queued again: the answer is taken by this transaction.
     """
     step = pool.tick(now)
     for ticket in tickets:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Set, Tuple
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
@@ -56,6 +56,9 @@ class InMemoryBackend(Backend):
         # Every named pool, and the pools made on demand that are in use.
         self._pools = {name: Pool(spec, None, wall) for name, spec in pools.items()}
         self._timers: Dict[str, IDelayedCall] = {}
+        # Pools a reload removed that still have holders or waiters: they
+        # are forgotten once idle, as pools made on demand are.
+        self._draining: Set[str] = set()
         if state_file is not None:
             for name, state in state_file.load(pools.find).items():
                 spec = pools.find(name)
@@ -66,6 +69,24 @@ class InMemoryBackend(Backend):
 
     def active_pools(self) -> List[str]:
         return list(self._pools)
+
+    def draining(self, pool: str) -> Optional[PoolSpec]:
+        return self._pools[pool].spec if pool in self._draining else None
+
+    def reconfigure(self, pools: Catalog) -> None:
+        super().reconfigure(pools)
+        for name, pool in list(self._pools.items()):
+            spec = pools.find(name)
+            if spec is not None:
+                pool.spec = spec
+                self._draining.discard(name)
+            elif pool.idle():
+                self._forget(name)
+            else:
+                self._draining.add(name)
+        for name, spec in pools.items():
+            if name not in self._pools:
+                self._pools[name] = Pool(spec, None, self.wall)
 
     def startService(self) -> None:
         super().startService()
@@ -92,7 +113,7 @@ class InMemoryBackend(Backend):
                 if self.state_file.needs_compaction():
                     self.state_file.compact(self._specs(), self._states())
             self._dispatch(step)
-        if pool.spec.pattern is not None and pool.idle():
+        if (pool.spec.pattern is not None or name in self._draining) and pool.idle():
             self._forget(name)
         return step
 
@@ -107,6 +128,7 @@ class InMemoryBackend(Backend):
         in use, whatever names come and go. Its next token floors at the
         clock again (distributex.token)."""
         del self._pools[name]
+        self._draining.discard(name)
         timer = self._timers.pop(name, None)
         if timer is not None:
             timer.cancel()

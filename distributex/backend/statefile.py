@@ -37,7 +37,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from twisted.logger import Logger
 
 from distributex.config import PoolSpec
-from distributex.pool import EXPIRED, GRANTED, RELEASED, RENEWED, Event, Hold, PoolState
+from distributex.pool import EXPIRED, GRANTED, RELEASED, RENEWED, RESET, Event, Hold, PoolState
 
 log = Logger()
 
@@ -47,7 +47,6 @@ FORMAT_VERSION = 1
 COMPACT_MIN_BYTES = 4 << 20
 BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
 
-_DURABLE = (GRANTED, RENEWED, RELEASED, EXPIRED)
 
 
 class StateFileError(Exception):
@@ -198,7 +197,7 @@ class StateFile:
                 if not wall:
                     now, wall = self.clock(), self.wall()
                 changes.append(_plus(spec, hold, now, wall))
-            elif kind is RELEASED or kind is EXPIRED:
+            elif kind is RELEASED or kind is EXPIRED or (kind is RESET and event.token is not None):
                 changes.append(["-", spec.name, event.host, event.session])
         if changes:
             self._append(json.dumps(changes, separators=(",", ":")).encode() + b"\n")
