@@ -196,7 +196,7 @@ def test_twistd_lists_the_plugin_without_a_cache_warning_as_an_unprivileged_user
     assert "plugin cache" not in result.stdout + result.stderr
 
 
-@pytest.mark.parametrize("command", ["distributex"])
+@pytest.mark.parametrize("command", ["distributex", "distributexctl"])
 def test_the_console_scripts_answer_help(fresh_venv, command):
     result = subprocess.run([os.path.join(fresh_venv, "bin", command), "-h"],
                             capture_output=True, text=True, timeout=60)
@@ -229,3 +229,8 @@ def test_twist_writes_readable_lines_when_its_output_is_not_a_terminal(tmp_path)
     proc.communicate(timeout=30)
     assert not first.startswith("{"), first
     assert "[" in first and "starting" in first.lower()
+
+
+def test_the_wheel_carries_the_status_page(dists):
+    names = wheel_names(dists[1])
+    assert {"distributex/page/index.html", "distributex/page/page.js", "distributex/page/page.css"} <= names
