@@ -59,7 +59,7 @@ function scheduleRefresh(name) {
 
 function person(kind, p, elapsed) {
   const since = (kind === "holder" ? p.held_for : p.waited_for) + elapsed;
-  const bits = [el("span", {class: "tag " + kind}, kind === "holder" ? "holds" : "wait " + p.position),
+  const bits = [el("span", {class: "tag " + kind}, kind === "holder" ? "holds" : "wait " + p.position), " ",
                 el("span", {class: "who"}, p.host)];
   if (p.session) bits.push(" ", el("span", {class: "meta"}, "session " + p.session));
   if (p.label) bits.push(" — ", p.label);
