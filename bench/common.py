@@ -249,7 +249,7 @@ class Processes:
 
     def spawn(self, args: List[str], log_name: str, port: Optional[int] = None,
               cpu: Optional[int] = None, nofile: Optional[int] = None,
-              cwd: Optional[str] = None) -> subprocess.Popen:
+              cwd: Optional[str] = None, start_timeout: float = 20.0) -> subprocess.Popen:
         """Start a process with its output in a log file; wait for its port."""
         prefix: List[str] = []
         if nofile:
@@ -264,7 +264,7 @@ class Processes:
         proc.log_path = log_path  # type: ignore[attr-defined]
         self.procs.append(proc)
         if port is not None:
-            wait_for_port(port, proc, log_path=log_path)
+            wait_for_port(port, proc, timeout=start_timeout, log_path=log_path)
         return proc
 
     def stop(self, proc: subprocess.Popen, timeout: float = 15.0) -> Optional[int]:
@@ -361,7 +361,7 @@ class Server:
     def __init__(self, procs: Processes, pools: List[Dict[str, Any]], settings: Dict[str, Any],
                  name: str = "dx", access_log: bool = False, cpu: Optional[int] = None,
                  nofile: Optional[int] = None, backlog: int = 4096,
-                 wrap: Sequence[str] = ()) -> None:
+                 wrap: Sequence[str] = (), start_timeout: float = 20.0) -> None:
         self.procs = procs
         self.port = free_port()
         self.config_path = os.path.join(procs.dir, f"{name}-{self.port}.yaml")
@@ -378,7 +378,7 @@ class Server:
         if access_log:
             args.append("--access-log")
         self.proc = procs.spawn(args, f"{name}-{self.port}.log", port=self.port, cpu=cpu,
-                                nofile=nofile)
+                                nofile=nofile, start_timeout=start_timeout)
         self.log_path = self.proc.log_path  # type: ignore[attr-defined]
 
     @property

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import re
 import signal
@@ -101,6 +102,12 @@ class DistributexService(MultiService):
                      endpoints=", ".join(e for e in self.endpoints if not _loopback_only(e)))
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload))
+        # What start-up made (the pools, their states, Twisted's own) lives
+        # as long as the process: out of the garbage collector's scans, so
+        # that a full collection in a server of 100,000 pools takes
+        # milliseconds instead of a tenth of a second.
+        gc.collect()
+        gc.freeze()
 
     def reload(self) -> None:
         """Re-read the configuration file (SIGHUP): new pools appear, removed

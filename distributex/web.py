@@ -17,12 +17,13 @@ from io import BytesIO
 from typing import IO, Any, Callable, Dict, List, Literal, Optional, Tuple, overload
 
 from twisted.internet.defer import CancelledError, TimeoutError
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel, datetimeToString
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site, version
+from zope.interface import implementer
 
 from distributex.backend import Backend, BackendUnavailable, QueueFull, ShuttingDown, WaitReset
 from distributex.catalog import Catalog, PoolSpec
@@ -330,18 +331,7 @@ class DistributexResource(Resource):
             if self.pools.find(name) is None and self.backend.draining(name) is None:
                 raise BadRequest(404, f"unknown pool '{name}'")
             names.append(name)
-        d = self.backend.status(names or self.backend.active_pools())
-
-        def show(pools: list) -> None:
-            if _gone(request):
-                return
-            if as_json:
-                _write(request, json.dumps(status_json(pools)).encode(), JSON)
-            else:
-                _write(request, status_table(pools).encode(), b"text/plain; charset=utf-8")
-
-        d.addCallback(show)
-        d.addErrback(self._failed, request, as_json)
+        StatusStream(self, request, names or self.backend.active_pools(), as_json).start()
 
     def _failed(self, reason: Failure, request: Request, as_json: bool) -> None:
         if reason.check(BackendUnavailable):
@@ -350,6 +340,122 @@ class DistributexResource(Resource):
         else:
             log.failure("answering {uri}", reason, uri=request.uri)
             _send(request, 500, ERROR, as_json, {"reason": "internal error"})
+
+
+#: Pools rendered per reactor turn by a /status/ of many pools: a few
+#: milliseconds of work, so that other requests are never held up longer.
+STATUS_BATCH = 100
+#: A /status/ reader that has not taken what was sent for this long is
+#: dropped, with what was waiting for it: it would hold memory for nothing.
+STALLED_READER_TIMEOUT = 30.0
+
+
+@implementer(IPushProducer)
+class StatusStream:
+    """One /status/ answer. A few pools go out at once, with a length; many
+    go out in batches, one per reactor turn, as a chunked answer that stops
+    while the reader's socket is full (TCP back-pressure) and is dropped if
+    the reader stays stalled."""
+
+    def __init__(self, resource: "DistributexResource", request: Request, names: List[str],
+                 as_json: bool) -> None:
+        self.resource = resource
+        self.request = request
+        self.names = names
+        self.as_json = as_json
+        self._next = 0
+        self._paused = False
+        self._busy = False  # a batch is being read from the backend
+        self._done = False
+        self._stall: Optional[IDelayedCall] = None
+
+    def start(self) -> None:
+        if len(self.names) <= STATUS_BATCH:
+            d = self.resource.backend.status(self.names)
+            d.addCallback(self._whole)
+            d.addErrback(self.resource._failed, self.request, self.as_json)
+            return
+        request = self.request
+        request.setHeader(b"content-type", JSON if self.as_json else b"text/plain; charset=utf-8")
+        request.registerProducer(self, True)
+        self.request.notifyFinish().addBoth(lambda _: self.stopProducing())
+        if self.as_json:
+            request.write(b'{"pools": [')
+        self._batch()
+
+    def _whole(self, pools: list) -> None:
+        if _gone(self.request):
+            return
+        if self.as_json:
+            _write(self.request, json.dumps(status_json(pools)).encode(), JSON)
+        else:
+            _write(self.request, status_table(pools).encode(), b"text/plain; charset=utf-8")
+
+    def _batch(self) -> None:
+        if self._done or self._paused or self._busy:
+            return
+        first = self._next
+        names = self.names[first:first + STATUS_BATCH]
+        self._next += len(names)
+        self._busy = True
+        d = self.resource.backend.status(names)
+        d.addCallback(self._write_batch, first == 0)
+        d.addErrback(self._failed)
+
+    def _write_batch(self, pools: list, first: bool) -> None:
+        self._busy = False
+        if self._done:
+            return
+        if self.as_json:
+            body = json.dumps(status_json(pools)["pools"])[1:-1]
+            self.request.write((body if first else "," + body).encode())
+        else:
+            table = status_table(pools)
+            self.request.write((table if first else table.split("\n", 1)[1]).encode())
+        if self._next < len(self.names):
+            self.resource.reactor.callLater(0, self._batch)
+            return
+        self._done = True
+        if self.as_json:
+            self.request.write(b"]}")
+        self.request.unregisterProducer()
+        self.request.finish()
+
+    def _failed(self, reason: Failure) -> None:
+        # Part of the answer is out: the only honest end is to cut it.
+        self._done = True
+        if not reason.check(BackendUnavailable):
+            log.failure("streaming /status/", reason)
+        if not _gone(self.request):
+            self.request.unregisterProducer()
+            self.request.channel.transport.abortConnection()  # type: ignore[union-attr]
+
+    # IPushProducer
+    def pauseProducing(self) -> None:
+        self._paused = True
+        if self._stall is None:
+            self._stall = self.resource.reactor.callLater(STALLED_READER_TIMEOUT, self._stalled)
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        if self._stall is not None and self._stall.active():
+            self._stall.cancel()
+        self._stall = None
+        self._batch()
+
+    def stopProducing(self) -> None:
+        self._done = True
+        if self._stall is not None and self._stall.active():
+            self._stall.cancel()
+
+    def _stalled(self) -> None:
+        self._stall = None
+        self._done = True
+        log.info("dropping a /status/ reader that read nothing for {seconds:g} s",
+                 seconds=STALLED_READER_TIMEOUT)
+        transport = self.request.channel.transport if self.request.channel is not None else None
+        if transport is not None:
+            transport.abortConnection()  # type: ignore[attr-defined]
 
 
 class DistributexRequest(Request):

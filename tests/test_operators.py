@@ -360,3 +360,39 @@ def test_the_start_up_log_says_what_runs(start_server):
     line, = [l for l in server.log().splitlines() if "backend inmemory" in l]
     assert "2 pool(s)" in line and "tcp:" in line and "access control off" in line
     assert os.path.join(server.workdir, "distributex.state") in line
+
+
+# -- /status/ of many pools ------------------------------------------------------------
+
+
+def test_a_status_of_many_pools_is_streamed_in_batches_and_complete(start_server):
+    pools = [{"name": f"p{n:04d}"} for n in range(1200)]
+    server = start_server(pools)
+    get(server, "a", pool="p0777")
+    answer = http(f"{server.url}/status/?format=json")
+    assert answer.headers.get("transfer-encoding") == "chunked"
+    body = answer.json()["pools"]
+    assert [p["name"] for p in body] == [p["name"] for p in pools]
+    assert [h["host"] for h in body[777]["holders"]] == ["a"]
+    text = http(f"{server.url}/status/").text.splitlines()
+    assert text[0].startswith("POOL") and sum(1 for line in text if line.startswith("POOL")) == 1
+    assert len(text) == 1 + 1200
+
+
+def test_a_status_reader_that_reads_nothing_holds_no_more_than_a_batch(start_server):
+    pools = [{"name": f"p{n:04d}", "expire": 300} for n in range(3000)]
+    server = start_server(pools)
+    stalled = []
+    for _ in range(20):
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", server.port))
+        sock.sendall(b"GET /status/?format=json HTTP/1.1\r\nHost: x\r\n\r\n")
+        stalled.append(sock)
+    start = time.monotonic()
+    for _ in range(50):
+        assert get(server, "a", pool="p0001").body == b"YES"
+        release(server, "a", pool="p0001")
+    assert time.monotonic() - start < 10
+    for sock in stalled:
+        sock.close()
