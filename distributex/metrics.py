@@ -19,6 +19,7 @@ The metrics (all prefixed ``distributex_``):
 - ``hold_seconds{pool}``: histogram of the time from a grant to its end
   (release, expiry or reset);
 - ``holders{pool}``, ``waiters{pool}``: gauges, now;
+- ``oldest_hold_seconds{pool}``: gauge, the age of the oldest hold (a stuck job);
 - ``lock_delay_seconds{pool}``: gauge, the time left of a lock-delay;
 - ``backend_errors_total``: requests answered ERROR (the store was out of reach);
 - ``process_*``: CPU, memory, file descriptors (prometheus_client's own).
@@ -141,6 +142,16 @@ class _Families(Collector):
         for pool, count in dict(m.waiters).items():
             waiters.add_metric([pool], max(count, 0))
         yield waiters
+        oldest = GaugeMetricFamily("distributex_oldest_hold_seconds",
+                                   "Age of the oldest hold now, by pool (0 when free)", labels=["pool"])
+        now = m.clock()
+        ages: Dict[str, float] = {label: 0.0 for label in dict(m.holders)}
+        for (pool, _host, _session, _token), granted in dict(m._granted).items():
+            label = m.label(pool)
+            ages[label] = max(ages.get(label, 0.0), now - granted)
+        for label, age in ages.items():
+            oldest.add_metric([label], round(age, 3))
+        yield oldest
         delays = GaugeMetricFamily("distributex_lock_delay_seconds",
                                    "Seconds left of a lock-delay (no grant until it ends), by pool",
                                    labels=["pool"])

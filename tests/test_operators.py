@@ -205,6 +205,7 @@ def test_metrics_are_prometheus_text_with_events_gauges_and_histograms(start_ser
     assert samples[("distributex_waiters", (("pool", "pool1"),))] == 0
     assert samples[("distributex_wait_seconds_count", (("pool", "pool1"),))] == 2
     assert samples[("distributex_hold_seconds_count", (("pool", "pool1"),))] == 1
+    assert 0 <= samples[("distributex_oldest_hold_seconds", (("pool", "pool1"),))] < 60
     assert ("distributex_backend_errors_total", ()) in samples
     assert "process_resident_memory_bytes" in {s.name for f in families.values() for s in f.samples}
 
