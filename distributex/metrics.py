@@ -146,8 +146,9 @@ class _Families(Collector):
                                    "Age of the oldest hold now, by pool (0 when free)", labels=["pool"])
         now = m.clock()
         ages: Dict[str, float] = {label: 0.0 for label in dict(m.holders)}
+        labels = dict(m._labels)  # record() put every granted pool's label there
         for (pool, _host, _session, _token), granted in dict(m._granted).items():
-            label = m.label(pool)
+            label = labels.get(pool, pool)
             ages[label] = max(ages.get(label, 0.0), now - granted)
         for label, age in ages.items():
             oldest.add_metric([label], round(age, 3))
