@@ -14,6 +14,8 @@ from typing import Any, Dict, List, Optional, Union
 
 import yaml
 
+from distributex.channel import DEFAULT_MAX_CONNECTIONS_PER_CLIENT, DEFAULT_RESERVED_FDS
+
 from distributex.catalog import (  # noqa: F401  (PoolSpec and the defaults are part of this module's API)
     DEFAULT_EXPIRE,
     DEFAULT_MAX_WAITERS,
@@ -44,6 +46,7 @@ BACKENDS = ("inmemory", "memcache")
 TOP_KEYS = {
     "backend", "memcachehost", "memcacheport", "memcache_servers",
     "poll_interval", "namespace", "pools", "state_file", "state_fsync",
+    "max_connections_per_client", "reserved_fds",
 }
 POOL_KEYS = {"name", "pattern", "expire", "maxlocks", "servers", "max_waiters"}
 
@@ -61,6 +64,8 @@ class Config:
     namespace: str = DEFAULT_NAMESPACE
     state_file: Optional[str] = DEFAULT_STATE_FILE  # None: keep nothing across restarts
     state_fsync: bool = False
+    max_connections_per_client: int = DEFAULT_MAX_CONNECTIONS_PER_CLIENT
+    reserved_fds: int = DEFAULT_RESERVED_FDS
     source: str = "<config>"
 
 
@@ -262,6 +267,11 @@ def _build(data: Any, source: str) -> Config:
     if not isinstance(state_fsync, bool):
         _fail(source, "state_fsync", f"must be true or false, not {state_fsync!r}")
 
+    per_client = _integer(source, "max_connections_per_client",
+                          data.get("max_connections_per_client", DEFAULT_MAX_CONNECTIONS_PER_CLIENT), 1)
+    reserved = _integer(source, "reserved_fds", data.get("reserved_fds", DEFAULT_RESERVED_FDS), 0)
+
     return Config(pools=pools, backend=backend, memcache_servers=servers,
                   poll_interval=poll, namespace=namespace, source=source,
-                  state_file=state_file if backend == "inmemory" else None, state_fsync=state_fsync)
+                  state_file=state_file if backend == "inmemory" else None, state_fsync=state_fsync,
+                  max_connections_per_client=per_client, reserved_fds=reserved)

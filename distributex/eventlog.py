@@ -10,8 +10,8 @@ seconds when it is busy. The first line carries the entry's timestamp, the
 others follow it on lines of their own, indented with a tab by twistd's
 log format::
 
-    2026-11-23T01:14:28+0000 [distributex.pool#info] pool=pool1 released host=me token=1795396467935064
-    	pool=pool1 granted host=w2 token=1795396468775170 label='nightly backup'
+    2026-11-23T01:14:28+0000 [distributex.pool#info] pool=pool1 released host=me token=1795396467935064 by=10.0.0.11
+    	pool=pool1 granted host=w2 token=1795396468775170 label="nightly backup" by=10.0.0.12
 
 Code that wants the events as data rather than text observes the backend
 itself (Backend.observers), as this log does.
@@ -19,6 +19,8 @@ itself (Backend.observers), as this log does.
 
 from __future__ import annotations
 
+import json
+import re
 import time
 from typing import Callable, List, Optional
 
@@ -38,12 +40,28 @@ FLUSH_INTERVAL = 0.1
 MAX_BATCH = 1000
 
 
+def quote(value: str) -> str:
+    """A request value as it may appear in a log line: bare when it is a
+    plain name, else a JSON string with every non-ASCII character and every
+    quote escaped, so that no value can end the line or fake a field
+    (a host of "x token=1", or one with U+2028 or U+0085 in it)."""
+    if _PLAIN.fullmatch(value):
+        return value
+    return json.dumps(value, ensure_ascii=True)
+
+
+_PLAIN = re.compile(r"[A-Za-z0-9_.:@/-]+")
+
+
 def describe(event: Event) -> str:
-    """The event as one line: pool=... KIND host=... [session=...] [token=...] [label=...]."""
+    """The event as one line: pool=... KIND host=... [session=...] [token=...]
+    [label=...] [by=...]: by is who caused it (client address and access
+    name), absent for what the server did by itself."""
     session = f" session={event.session}" if event.session else ""
     token = "" if event.token is None else f" token={event.token}"
-    label = f" label={event.label!r}" if event.label else ""
-    return f"pool={event.pool} {event.kind} host={event.host}{session}{token}{label}"
+    label = f" label={json.dumps(event.label, ensure_ascii=True)}" if event.label else ""
+    by = f" by={quote(event.origin)}" if event.origin else ""
+    return f"pool={event.pool} {event.kind} host={quote(event.host)}{session}{token}{label}{by}"
 
 
 class EventLog:

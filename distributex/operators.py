@@ -25,6 +25,8 @@ from distributex.web import (
     BadRequest,
     DistributexResource,
     Handler,
+    client_address,
+    _origin,
     _param,
     _send,
     _text,
@@ -133,7 +135,7 @@ class Operators:
         session = _param(request, b"session", required=False)
         if session is not None and host is None:
             raise BadRequest(400, "parameter 'session' needs 'host'")
-        result = self.backend.reset(name, host, session)
+        result = self.backend.reset(name, host, session, _origin(request))
 
         def done(step: Step) -> None:
             holds = [{"host": e.host, "session": e.session or None, "token": e.token}
@@ -148,13 +150,6 @@ class Operators:
             done(result)
         else:
             result.addCallbacks(done, lambda f: _internal(f, request, as_json))
-
-
-def client_address(request: Request) -> str:
-    """Who sent the request: an IP address, or "unix" for a Unix socket."""
-    address = request.getClientAddress()
-    host = getattr(address, "host", None)
-    return str(host) if host is not None else "unix"
 
 
 def is_loopback(address: str) -> bool:

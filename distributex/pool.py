@@ -69,6 +69,7 @@ class Hold:
     # Counts the renewals of this grant: with the token it names one
     # version of the lease, for backends that time leases by observation.
     renewals: int = 0
+    origin: str = ""  # who asked for it: client address, and access name (the audit log)
 
     @property
     def key(self) -> HolderKey:
@@ -85,6 +86,7 @@ class Ticket:
     queued_at: float
     server: Optional[str] = None  # the distributex server holding the connection
     session: str = ""
+    origin: str = ""  # who asked: client address, and access name
 
     @property
     def key(self) -> HolderKey:
@@ -115,10 +117,11 @@ class PoolState:
 class Event:
     """Something that happened to a pool, announced to observers."""
 
-    __slots__ = ("kind", "pool", "host", "label", "token", "ticket", "at", "session")
+    __slots__ = ("kind", "pool", "host", "label", "token", "ticket", "at", "session", "origin")
 
     def __init__(self, kind: str, pool: str, host: str, label: str,
-                 token: Optional[int], ticket: Optional[str], at: float, session: str = "") -> None:
+                 token: Optional[int], ticket: Optional[str], at: float, session: str = "",
+                 origin: str = "") -> None:
         self.kind = kind
         self.pool = pool
         self.host = host
@@ -127,6 +130,9 @@ class Event:
         self.ticket = ticket
         self.at = at
         self.session = session
+        # Who caused it: the requester's address and access name; "" for
+        # what the server did by itself (an expiry).
+        self.origin = origin
 
     def __repr__(self) -> str:
         return (f"Event({self.kind}, pool={self.pool!r}, host={self.host!r}, session={self.session!r}, "
@@ -166,15 +172,15 @@ class Pool:
     # -- operations ----------------------------------------------------------
 
     def get(self, host: str, label: str, now: float, server: Optional[str] = None,
-            session: str = "") -> Step:
+            session: str = "", origin: str = "") -> Step:
         """Try once: grant if a slot is free and nobody waits; renew a holder."""
         step = self._settle(Step(), now)
         hold = self.state.holders.get((host, session))
         if hold is not None:
-            self._renew(hold, label, now, None, step.events)
+            self._renew(hold, label, now, None, step.events, origin)
             step.hold = hold
         elif not self.state.queue and self._has_free_slot(now):
-            step.hold = self._grant(host, session, label, now, None, server, step.events)
+            step.hold = self._grant(host, session, label, now, None, server, step.events, origin)
         else:
             step.reason = self._why_not(now)
         return step
@@ -193,26 +199,26 @@ class Pool:
         hold = self.state.holders.get(ticket.key)
         if hold is not None:
             # Answered by this step itself: no answer is kept for it.
-            self._renew(hold, ticket.label, now, ticket.id, step.events)
+            self._renew(hold, ticket.label, now, ticket.id, step.events, ticket.origin)
             step.hold = hold
         elif not self.state.queue and self._has_free_slot(now):
             step.hold = self._grant(ticket.host, ticket.session, ticket.label, now, ticket.id,
-                                    ticket.server, step.events)
+                                    ticket.server, step.events, ticket.origin)
         elif len(self.state.queue) >= self.spec.max_waiters:
             step.refused = f"the queue of pool '{self.spec.name}' is full ({self.spec.max_waiters} waiters)"
         else:
             self.state.queue[ticket.id] = ticket
             step.events.append(Event(QUEUED, self.spec.name, ticket.host, ticket.label, None, ticket.id,
-                                     now, ticket.session))
+                                     now, ticket.session, ticket.origin))
         return step
 
-    def release(self, host: str, now: float, session: str = "") -> Step:
+    def release(self, host: str, now: float, session: str = "", origin: str = "") -> Step:
         """End the holder's hold; step.hold is the hold that ended, if there was one."""
         step = self._settle(Step(), now)
         hold = step.hold = self.state.holders.pop((host, session), None)
         if hold is not None:
             step.events.append(Event(RELEASED, self.spec.name, host, hold.label, hold.token, hold.ticket,
-                                     now, session))
+                                     now, session, origin))
             if self.state.queue:
                 self._promote(now, step.events)
         return step
@@ -226,7 +232,7 @@ class Pool:
         answer = self.state.answers.pop(ticket_id, None)
         if ticket is not None:
             step.events.append(Event(LEFT, self.spec.name, ticket.host, ticket.label, None, ticket_id, now,
-                                     ticket.session))
+                                     ticket.session, ticket.origin))
         elif answer is None or answer.kind == GRANTED:
             # A grant nobody was told of is given back; a renewal at the
             # head of the queue was of a hold granted to another request.
@@ -234,7 +240,7 @@ class Pool:
                 if hold.ticket == ticket_id:
                     del self.state.holders[hold.key]
                     step.events.append(Event(RELEASED, self.spec.name, hold.host, hold.label, hold.token,
-                                             ticket_id, now, hold.session))
+                                             ticket_id, now, hold.session, hold.origin))
                     break
         return self._settle(step, now)
 
@@ -248,10 +254,11 @@ class Pool:
         for ticket in [t for t in self.state.queue.values() if gone(t)]:
             del self.state.queue[ticket.id]
             step.events.append(Event(LEFT, self.spec.name, ticket.host, ticket.label, None, ticket.id, now,
-                                     ticket.session))
+                                     ticket.session, ticket.origin))
         return self._settle(step, now)
 
-    def reset(self, now: float, host: Optional[str] = None, session: Optional[str] = None) -> Step:
+    def reset(self, now: float, host: Optional[str] = None, session: Optional[str] = None,
+              origin: str = "") -> Step:
         """Force-end holds: the holder (host, session); every hold of the host
         when session is None; or, with no host, every hold and every queued
         ticket of the pool. step.hold is None; the events say what ended."""
@@ -262,12 +269,12 @@ class Pool:
         for hold in ended:
             del state.holders[hold.key]
             step.events.append(Event(RESET, self.spec.name, hold.host, hold.label, hold.token, hold.ticket,
-                                     now, hold.session))
+                                     now, hold.session, origin))
         if host is None:
             for ticket in list(state.queue.values()):
                 del state.queue[ticket.id]
                 step.events.append(Event(RESET, self.spec.name, ticket.host, ticket.label, None, ticket.id,
-                                         now, ticket.session))
+                                         now, ticket.session, origin))
                 if ticket.server is not None:
                     state.answers[ticket.id] = Answer(RESET, 0, ticket.server)
         return self._settle(step, now)
@@ -323,7 +330,7 @@ class Pool:
             for hold in due:
                 del holders[hold.key]
                 step.events.append(Event(EXPIRED, self.spec.name, hold.host, hold.label, hold.token,
-                                         hold.ticket, now, hold.session))
+                                         hold.ticket, now, hold.session, hold.origin))
         if self.state.queue:
             self._promote(now, step.events)
         return step
@@ -340,12 +347,12 @@ class Pool:
             if hold is not None:
                 # The holder queued again: re-entrant, its place costs no slot.
                 del queue[ticket.id]
-                self._renew(hold, ticket.label, now, ticket.id, events)
+                self._renew(hold, ticket.label, now, ticket.id, events, ticket.origin)
                 kind, token = RENEWED, hold.token
             elif self._has_free_slot(now):
                 del queue[ticket.id]
                 token = self._grant(ticket.host, ticket.session, ticket.label, now, ticket.id,
-                                    ticket.server, events).token
+                                    ticket.server, events, ticket.origin).token
                 kind = GRANTED
             else:
                 break
@@ -353,20 +360,21 @@ class Pool:
                 self.state.answers[ticket.id] = Answer(kind, token, ticket.server)
 
     def _grant(self, host: str, session: str, label: str, now: float, ticket: Optional[str],
-               server: Optional[str], events: List[Event]) -> Hold:
+               server: Optional[str], events: List[Event], origin: str) -> Hold:
         token = next_token(self.state.last_token, self.wall())
         self.state.last_token = token
         expire = self.spec.expire
-        hold = Hold(host, label, token, now, now + expire if expire else None, ticket, server, session)
+        hold = Hold(host, label, token, now, now + expire if expire else None, ticket, server, session, 0, origin)
         self.state.holders[(host, session)] = hold
-        events.append(Event(GRANTED, self.spec.name, host, label, token, ticket, now, session))
+        events.append(Event(GRANTED, self.spec.name, host, label, token, ticket, now, session, origin))
         return hold
 
-    def _renew(self, hold: Hold, label: str, now: float, ticket: Optional[str], events: List[Event]) -> None:
+    def _renew(self, hold: Hold, label: str, now: float, ticket: Optional[str], events: List[Event],
+               origin: str) -> None:
         if self.spec.expire:
             hold.expires_at = now + self.spec.expire
         hold.renewals += 1
         if label:
             hold.label = label
         events.append(Event(RENEWED, self.spec.name, hold.host, hold.label, hold.token, ticket, now,
-                            hold.session))
+                            hold.session, origin))

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import socket
 import tempfile
 import time
 from io import BytesIO
@@ -20,13 +19,14 @@ from twisted.internet.defer import CancelledError, TimeoutError
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.http import HTTPChannel, datetimeToString
+from twisted.web.http import datetimeToString
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site, version
 from zope.interface import implementer
 
 from distributex.backend import Backend, BackendUnavailable, QueueFull, ShuttingDown, WaitReset
 from distributex.catalog import Catalog, PoolSpec
+from distributex.channel import ConnectionLimits, DistributexChannel
 from distributex.pool import Hold
 from distributex.status import status_json, status_table
 
@@ -127,6 +127,21 @@ def _wants_json(request: Request) -> bool:
     if values == [b"text"]:
         return False
     raise BadRequest(400, "parameter 'format' must be 'json' or 'text'")
+
+
+def client_address(request: Request) -> str:
+    """Who sent the request: an IP address, or "unix" for a Unix socket."""
+    address = request.getClientAddress()
+    host = getattr(address, "host", None)
+    return str(host) if host is not None else "unix"
+
+
+def _origin(request: Request) -> str:
+    """Who asked, for the audit log: the client's address, and the name of
+    the access entry whose secret it gave (contract section 6)."""
+    access = getattr(request, "access_name", None)
+    address = client_address(request)
+    return f"{address} {access}" if access else address
 
 
 def _who(spec: PoolSpec, host: str, session: str) -> Dict[str, Any]:
@@ -258,7 +273,8 @@ class DistributexResource(Resource):
     def _get(self, request: Request, as_json: bool) -> None:
         spec, host, session = self._holder(request)
         label = _param(request, b"label", required=False) or ""
-        self._reply(self.backend.get(spec.name, host, label, session), self._answer_hold, request, as_json,
+        self._reply(self.backend.get(spec.name, host, label, session, _origin(request)), self._answer_hold,
+                    request, as_json,
                     spec, host, session)
 
     def _reply(self, result: Any, answer: Callable[..., None], request: Request, as_json: bool,
@@ -292,7 +308,7 @@ class DistributexResource(Resource):
         label = _param(request, b"label", required=False) or ""
         timeout = _timeout(request)
         request.long_poll = True  # type: ignore[attr-defined]  # a DistributexRequest: see DistributexChannel
-        waiter = self.backend.wait(spec.name, host, label, session)
+        waiter = self.backend.wait(spec.name, host, label, session, _origin(request))
         if timeout is not None:
             waiter.addTimeout(timeout, self.reactor)
         # A client that hangs up leaves the queue at once.
@@ -317,7 +333,8 @@ class DistributexResource(Resource):
 
     def _release(self, request: Request, as_json: bool) -> None:
         spec, host, session = self._holder(request, draining=True)
-        self._reply(self.backend.release(spec.name, host, session), self._answer_release, request, as_json,
+        self._reply(self.backend.release(spec.name, host, session, _origin(request)), self._answer_release,
+                    request, as_json,
                     spec, host, session)
 
     def _answer_release(self, released: bool, request: Request, as_json: bool, spec: PoolSpec, host: str,
@@ -493,56 +510,6 @@ def _http_date() -> bytes:
     return _date_cache[1]
 
 
-#: Bytes a client may pipeline behind an open /wait before it is taken for
-#: gone or abusive: twisted.web would stop reading the socket past this
-#: (its _optimisticEagerReadSize), and a socket nobody reads never reports
-#: the hang-up, so the waiter would keep its place, or a grant, for ever.
-MAX_PIPELINED_BEHIND_WAIT = 0x4000
-#: TCP keepalive on every connection: a waiter whose machine died or was cut
-#: off (no FIN, no RST) is noticed after KEEPALIVE_IDLE + KEEPALIVE_COUNT *
-#: KEEPALIVE_INTERVAL seconds (two minutes) and leaves the queue.
-KEEPALIVE_IDLE = 60
-KEEPALIVE_INTERVAL = 10
-KEEPALIVE_COUNT = 6
-
-
-class DistributexChannel(HTTPChannel):
-    """An HTTP/1.1 connection that never stops watching a long poll.
-
-    While a /wait is open, twisted.web buffers what the client pipelines
-    behind it and, past a small limit, pauses the socket: from then on the
-    reactor would never see the client hang up. This channel drops such a
-    connection instead, so its /wait leaves the queue (or gives back the
-    grant it raced) as any departed client's does.
-    """
-
-    def connectionMade(self) -> None:
-        super().connectionMade()
-        _keepalive(self.transport)
-
-    def rawDataReceived(self, data: bytes) -> None:
-        if (self._handlingRequest and self.requests and getattr(self.requests[-1], "long_poll", False)
-                and sum(map(len, self._dataBuffer)) + len(data) > MAX_PIPELINED_BEHIND_WAIT):
-            log.info("dropping a connection that pipelined more than {limit} bytes behind its /wait",
-                     limit=MAX_PIPELINED_BEHIND_WAIT)
-            self._dataBuffer = []
-            self.transport.abortConnection()  # type: ignore[union-attr]  # a TCP or Unix transport
-            return
-        super().rawDataReceived(data)
-
-
-def _keepalive(transport: Any) -> None:
-    set_keepalive = getattr(transport, "setTcpKeepAlive", None)
-    if set_keepalive is None:
-        return  # not TCP (a Unix socket): the kernel reports a dead peer
-    set_keepalive(True)
-    sock = transport.getHandle()
-    for option, value in (("TCP_KEEPIDLE", KEEPALIVE_IDLE), ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL),
-                          ("TCP_KEEPCNT", KEEPALIVE_COUNT)):
-        if hasattr(socket, option):
-            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
-
-
 class DistributexSite(Site):
     """A Site of DistributexRequests whose per-request access log is off unless asked for.
 
@@ -554,9 +521,22 @@ class DistributexSite(Site):
     requestFactory = DistributexRequest
     protocol = DistributexChannel  # type: ignore[assignment]  # HTTP/1.1 only: no HTTP/2 negotiation wrapper
 
-    def __init__(self, resource: Resource, access_log: bool = False, **kwargs: Any) -> None:
+    def __init__(self, resource: Resource, access_log: bool = False,
+                 limits: Optional[ConnectionLimits] = None, **kwargs: Any) -> None:
         super().__init__(resource, **kwargs)
         self.access_log = access_log
+        self.limits = limits if limits is not None else ConnectionLimits()
+
+    def buildProtocol(self, addr: Any) -> Any:
+        address = getattr(addr, "host", None)
+        refused = self.limits.refusal(address)
+        if refused is not None:
+            log.info("refusing a connection from {address}: at a connection limit", address=address)
+            return refused
+        channel = super().buildProtocol(addr)
+        channel._limits, channel._address = self.limits, address
+        self.limits.opened(address)
+        return channel
 
     def log(self, request: Request) -> None:  # type: ignore[override]  # twisted.web's own is typed narrower
         if self.access_log:

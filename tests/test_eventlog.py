@@ -28,7 +28,7 @@ def test_the_event_log_writes_one_line_per_event_naming_pool_kind_host_token_and
     with capturedLogs() as logs:
         token = world.get("web3", "nightly backup").token
         world.clock.advance(0)
-    assert logged(world, logs) == [[f"pool=p granted host=web3 token={token} label='nightly backup'"]]
+    assert logged(world, logs) == [[f"pool=p granted host=web3 token={token} label=\"nightly backup\""]]
     (entry,) = [e for e in logs if e.get("log_namespace") == "distributex.pool"]
     assert entry["log_level"] == LogLevel.info
 
@@ -48,7 +48,7 @@ def test_the_event_log_keeps_braces_in_a_label(world):
     with capturedLogs() as logs:
         world.get("a", "{weird} label}")
         world.clock.advance(0)
-    assert "label='{weird} label}'" in logged(world, logs)[0][0]
+    assert "label=\"{weird} label}\"" in logged(world, logs)[0][0]
 
 
 def test_a_quiet_server_logs_an_event_at_the_end_of_its_reactor_turn(world):

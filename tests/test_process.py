@@ -258,7 +258,7 @@ def test_pool_events_are_logged(tmp_path):
         server.call("release", pool="pool1", host="web3")
         server.terminate()
         log = server.log()
-        assert f"pool=pool1 granted host=web3 token={token} label='nightly'" in log
+        assert f"pool=pool1 granted host=web3 token={token} label=\"nightly\"" in log
         assert f"pool=pool1 released host=web3 token={token}" in log
     finally:
         server.kill()

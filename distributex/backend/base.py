@@ -100,25 +100,26 @@ class Backend(Service):
     # value, a plain class: isinstance(x, Deferred) goes through ABCMeta
     # (Deferred is an Awaitable) and costs several times more.
 
-    def get(self, pool: str, host: str, label: str, session: str = "") -> Any:
+    def get(self, pool: str, host: str, label: str, session: str = "", origin: str = "") -> Any:
         """The caller's Hold if granted or renewed, else why not (a str:
         busy, queued ahead, lock-delay until T)."""
         server = self.server_id if self.shared else None
-        step = self._apply(pool, lambda p, now: p.get(host, label, now, server, session))
+        step = self._apply(pool, lambda p, now: p.get(host, label, now, server, session, origin))
         return _hold(step) if isinstance(step, Step) else step.addCallback(_hold)
 
-    def release(self, pool: str, host: str, session: str = "") -> Any:
+    def release(self, pool: str, host: str, session: str = "", origin: str = "") -> Any:
         """True if the holder (host, session) held the pool."""
-        step = self._apply(pool, lambda p, now: p.release(host, now, session))
+        step = self._apply(pool, lambda p, now: p.release(host, now, session, origin))
         return step.hold is not None if isinstance(step, Step) else step.addCallback(_released)
 
-    def reset(self, pool: str, host: Optional[str] = None, session: Optional[str] = None) -> Any:
+    def reset(self, pool: str, host: Optional[str] = None, session: Optional[str] = None,
+              origin: str = "") -> Any:
         """Force-end the holder's hold (every hold of the host without a
         session), or every hold and waiter of the pool without a host; the
         Step, or a Deferred of it."""
-        return self._apply(pool, lambda p, now: p.reset(now, host, session))
+        return self._apply(pool, lambda p, now: p.reset(now, host, session, origin))
 
-    def wait(self, pool: str, host: str, label: str, session: str = "") -> Deferred:
+    def wait(self, pool: str, host: str, label: str, session: str = "", origin: str = "") -> Deferred:
         """Queue for the pool; fire with the granting Event.
 
         Cancelling the Deferred (a timeout, a dropped connection) leaves the
@@ -130,7 +131,7 @@ class Backend(Service):
         server = self.server_id if self.shared else None
 
         def enqueue(p: Pool, now: float) -> Step:
-            return p.wait(Ticket(ticket_id, host, label, now, server, session), now)
+            return p.wait(Ticket(ticket_id, host, label, now, server, session, origin), now)
 
         def enqueued(step: Step) -> Step:
             # Its own step answered it (_dispatch), or it is now queued, or

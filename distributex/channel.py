@@ -1,0 +1,231 @@
+"""One HTTP/1.1 connection, and the limits that keep hostile ones harmless.
+
+twisted.web parses the requests; this channel adds what a lock server
+facing any client needs (contract section 6, "Limits"), none of which ever
+touches a holder or an open /wait:
+
+- a request head (request line and headers) must arrive whole within
+  HEAD_DEADLINE seconds of its first byte (slowloris), in at most
+  MAX_HEAD_BYTES, with lines of at most MAX_LINE_BYTES: else 408 or 431;
+- a body is a small form: at most MAX_BODY_BYTES (413, refused before it is
+  read when its length is announced), never multipart (415);
+- bare LF line endings get 400 at once, not a hang until the idle timeout;
+- a client that pipelines more than MAX_PIPELINED_BEHIND_WAIT bytes behind
+  its own open /wait is disconnected (twisted.web would stop reading, and
+  never see it hang up);
+- TCP keepalive notices a waiter whose machine vanished.
+
+The connection caps (per client address, and a reserve of descriptors) are
+the factory's: see ConnectionLimits.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import socket
+from typing import Any, Dict, Optional
+
+from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.web.http import HTTPChannel
+
+log = Logger(namespace="distributex.http")
+
+#: Slowloris: the whole head of a request within this many seconds of its
+#: first byte. A real client sends it in one packet.
+HEAD_DEADLINE = 10.0
+#: A request line or header line longer than this is refused (431): a lock
+#: request is a few hundred bytes.
+MAX_LINE_BYTES = 8192
+#: The whole head: request line and every header.
+MAX_HEAD_BYTES = 16384
+#: A form body of a few parameters of at most 1 KiB each.
+MAX_BODY_BYTES = 65536
+#: Bytes a client may pipeline behind an open /wait before it is taken for
+#: gone or abusive: twisted.web would stop reading the socket past this
+#: (its _optimisticEagerReadSize), and a socket nobody reads never reports
+#: the hang-up, so the waiter would keep its place, or a grant, for ever.
+MAX_PIPELINED_BEHIND_WAIT = 0x4000
+#: TCP keepalive on every connection: a waiter whose machine died or was cut
+#: off (no FIN, no RST) is noticed after KEEPALIVE_IDLE + KEEPALIVE_COUNT *
+#: KEEPALIVE_INTERVAL seconds (two minutes) and leaves the queue.
+KEEPALIVE_IDLE = 60
+KEEPALIVE_INTERVAL = 10
+KEEPALIVE_COUNT = 6
+#: Connections one client address may hold open: a cluster's hosts hold a
+#: handful each; a NAT gateway of a large site a few hundred.
+DEFAULT_MAX_CONNECTIONS_PER_CLIENT = 1000
+#: Descriptors kept free for everything that is not a client connection
+#: (the state file, memcached connections, logs, a new admin connection):
+#: past RLIMIT_NOFILE minus this, new connections are answered 503 at once.
+DEFAULT_RESERVED_FDS = 64
+
+_STATUS_TEXT = {400: b"Bad Request", 408: b"Request Timeout", 413: b"Content Too Large",
+                415: b"Unsupported Media Type", 431: b"Request Header Fields Too Large",
+                503: b"Service Unavailable"}
+
+
+def refusal(status: int, reason: str, as_json: bool = False) -> bytes:
+    """A whole HTTP answer (INVALID, or ERROR for 503) that closes the connection."""
+    word = "ERROR" if status == 503 else "INVALID"
+    if as_json:
+        body, kind = json.dumps({"result": word, "reason": reason}).encode(), b"application/json"
+    else:
+        body, kind = word.encode(), b"text/plain"
+    return (b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\nX-Distributex-Reason: %s\r\n"
+            b"Connection: close\r\n\r\n%s" % (status, _STATUS_TEXT[status], kind, len(body),
+                                                reason.encode("ascii", "replace"), body))
+
+
+class DistributexChannel(HTTPChannel):
+    """An HTTP/1.1 connection with the limits of the module doc."""
+
+    MAX_LENGTH = MAX_LINE_BYTES
+    totalHeadersSize = MAX_HEAD_BYTES
+
+    _head_timer: Optional[IDelayedCall] = None
+    _in_head = False
+    _body_bytes = 0
+    _limits: Optional["ConnectionLimits"] = None
+    _address: Optional[str] = None
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        _keepalive(self.transport)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self._cancel_head_timer()
+        if self._limits is not None:
+            self._limits.closed(self._address)
+            self._limits = None
+        super().connectionLost(reason)
+
+    # -- the head --------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.line_mode:
+            if not self._in_head and data:
+                self._in_head = True
+                self._body_bytes = 0
+                self._head_timer = self.callLater(HEAD_DEADLINE, self._head_too_slow)
+        super().dataReceived(data)
+        # What the line parser kept is a line not yet ended by CRLF: an LF in
+        # it is a bare LF, which twisted.web never takes for a line end, so
+        # the request would wait for the idle timeout instead of an answer.
+        if self.line_mode and b"\n" in self._buffer:
+            self._refuse(400, "bare LF line ending: HTTP lines end with CRLF")
+
+    def allHeadersReceived(self) -> None:
+        self._cancel_head_timer()
+        self._in_head = False
+        request = self.requests[-1]
+        kind = request.requestHeaders.getRawHeaders(b"content-type", [b""])[0].lower()
+        if kind.startswith(b"multipart/"):
+            self._refuse(415, "multipart bodies are not accepted: send a form (application/x-www-form-urlencoded)")
+            return
+        if self.length is not None and self.length > MAX_BODY_BYTES:
+            self._refuse(413, f"body longer than {MAX_BODY_BYTES} bytes")
+            return
+        super().allHeadersReceived()
+
+    def rawDataReceived(self, data: bytes) -> None:
+        if (self._handlingRequest and self.requests and getattr(self.requests[-1], "long_poll", False)
+                and sum(map(len, self._dataBuffer)) + len(data) > MAX_PIPELINED_BEHIND_WAIT):
+            log.info("dropping a connection that pipelined more than {limit} bytes behind its /wait",
+                     limit=MAX_PIPELINED_BEHIND_WAIT)
+            self._dataBuffer = []
+            self.transport.abortConnection()  # type: ignore[union-attr]  # a TCP or Unix transport
+            return
+        if not self._handlingRequest:
+            # A body (chunked bodies announce no length): count it.
+            self._body_bytes += len(data)
+            if self._body_bytes > MAX_BODY_BYTES + MAX_LINE_BYTES:  # chunk framing aside
+                self._refuse(413, f"body longer than {MAX_BODY_BYTES} bytes")
+                return
+        super().rawDataReceived(data)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self._refuse(431, f"a request or header line longer than {MAX_LINE_BYTES} bytes")
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        if self._receivedHeaderSize > self.totalHeadersSize:
+            self._refuse(431, f"request head longer than {MAX_HEAD_BYTES} bytes")
+        else:
+            self._refuse(400, "malformed request")
+
+    def _head_too_slow(self) -> None:
+        self._head_timer = None
+        self._refuse(408, f"request head not complete within {HEAD_DEADLINE:g} s")
+
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None:
+            if self._head_timer.active():
+                self._head_timer.cancel()
+            self._head_timer = None
+
+    def _refuse(self, status: int, reason: str) -> None:
+        """Answer and close: what comes after a broken head cannot be trusted."""
+        self._cancel_head_timer()
+        self.setRawMode()
+        self.dataReceived = self.rawDataReceived = lambda data: None  # type: ignore[method-assign]
+        self.transport.write(refusal(status, reason))  # type: ignore[union-attr]
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+
+def _keepalive(transport: Any) -> None:
+    set_keepalive = getattr(transport, "setTcpKeepAlive", None)
+    if set_keepalive is None:
+        return  # not TCP (a Unix socket): the kernel reports a dead peer
+    set_keepalive(True)
+    sock = transport.getHandle()
+    for option, value in (("TCP_KEEPIDLE", KEEPALIVE_IDLE), ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL),
+                          ("TCP_KEEPCNT", KEEPALIVE_COUNT)):
+        if hasattr(socket, option):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
+
+
+class _Refuse(Protocol):
+    """Answers 503 and closes: the server is at a connection limit."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def connectionMade(self) -> None:
+        self.transport.write(refusal(503, self.reason))  # type: ignore[union-attr]
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+
+class ConnectionLimits:
+    """Open connections, in all and per client address, and their caps."""
+
+    def __init__(self, per_client: int = DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
+                 reserved_fds: int = DEFAULT_RESERVED_FDS) -> None:
+        self.per_client = per_client
+        soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        self.total = max(16, soft - reserved_fds) if soft != resource.RLIM_INFINITY else 1 << 30
+        self.open = 0
+        self.by_address: Dict[str, int] = {}
+
+    def refusal(self, address: Optional[str]) -> Optional[Protocol]:
+        """None to accept, else the protocol that refuses."""
+        if self.open >= self.total:
+            return _Refuse("server at its connection limit")
+        if address is not None and self.by_address.get(address, 0) >= self.per_client:
+            return _Refuse(f"more than {self.per_client} connections from {address}")
+        return None
+
+    def opened(self, address: Optional[str]) -> None:
+        self.open += 1
+        if address is not None:
+            self.by_address[address] = self.by_address.get(address, 0) + 1
+
+    def closed(self, address: Optional[str]) -> None:
+        self.open -= 1
+        if address is not None:
+            left = self.by_address[address] - 1
+            if left:
+                self.by_address[address] = left
+            else:
+                del self.by_address[address]
