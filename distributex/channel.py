@@ -204,7 +204,7 @@ class ConnectionLimits:
                  reserved_fds: int = DEFAULT_RESERVED_FDS) -> None:
         self.per_client = per_client
         soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        self.total = max(16, soft - reserved_fds) if soft != resource.RLIM_INFINITY else 1 << 30
+        self.total = max(1, soft - reserved_fds) if soft != resource.RLIM_INFINITY else 1 << 30
         self.open = 0
         self.by_address: Dict[str, int] = {}
 
