@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Optional, Union
 
 import yaml
 
+from distributex.access import ROLES, AccessEntry, AccessError, AccessList, read_secret
 from distributex.channel import DEFAULT_MAX_CONNECTIONS_PER_CLIENT, DEFAULT_RESERVED_FDS
 
 from distributex.catalog import (  # noqa: F401  (PoolSpec and the defaults are part of this module's API)
@@ -46,8 +47,9 @@ BACKENDS = ("inmemory", "memcache")
 TOP_KEYS = {
     "backend", "memcachehost", "memcacheport", "memcache_servers",
     "poll_interval", "namespace", "pools", "state_file", "state_fsync",
-    "max_connections_per_client", "reserved_fds",
+    "max_connections_per_client", "reserved_fds", "access",
 }
+ACCESS_KEYS = {"name", "secret_file", "role", "pools"}
 POOL_KEYS = {"name", "pattern", "expire", "maxlocks", "servers", "max_waiters"}
 
 
@@ -66,6 +68,7 @@ class Config:
     state_fsync: bool = False
     max_connections_per_client: int = DEFAULT_MAX_CONNECTIONS_PER_CLIENT
     reserved_fds: int = DEFAULT_RESERVED_FDS
+    access: AccessList = field(default_factory=lambda: AccessList(()))
     source: str = "<config>"
 
 
@@ -222,6 +225,50 @@ def _catalog(source: str, raw_pools: Any) -> Catalog:
     return Catalog(named, patterns)
 
 
+def _access(source: str, raw: Any) -> AccessList:
+    """The access entries, their secrets read now (a reload reads them again)."""
+    if raw is None:
+        return AccessList(())
+    if not isinstance(raw, list) or not raw:
+        _fail(source, "access", "must be a non-empty list of {name, secret_file, role[, pools]}")
+    entries: List[AccessEntry] = []
+    for index, item in enumerate(raw):
+        where = f"access[{index}]"
+        if not isinstance(item, dict):
+            _fail(source, where, "must be a mapping with name, secret_file and role")
+        unknown = sorted(set(map(str, item)) - ACCESS_KEYS)
+        if unknown:
+            _fail(source, f"{where}.{unknown[0]}", f"unknown key (known: {', '.join(sorted(ACCESS_KEYS))})")
+        for key in ("name", "secret_file", "role"):
+            if key not in item:
+                _fail(source, where, f"missing required key {key!r}")
+        name = _name(source, f"{where}.name", item["name"])
+        if any(e.name == name for e in entries):
+            _fail(source, f"{where}.name", f"duplicate access name {name!r}")
+        role = item["role"]
+        if role not in ROLES:
+            _fail(source, f"{where}.role", f"must be one of {', '.join(ROLES)}, not {role!r}")
+        pools = item.get("pools")
+        if pools is not None:
+            if role != "client":
+                _fail(source, f"{where}.pools", "only a client entry is limited to pools (admin may do everything)")
+            if isinstance(pools, str):
+                pools = [pools]
+            if not isinstance(pools, list) or not pools or not all(isinstance(p, str) and p for p in pools):
+                _fail(source, f"{where}.pools", "must be a list of pool names or fnmatch patterns")
+        path = item["secret_file"]
+        if not isinstance(path, str) or not path:
+            _fail(source, f"{where}.secret_file", f"must be a file name, not {path!r}")
+        try:
+            secret = read_secret(path)
+        except AccessError as e:
+            _fail(source, f"{where}.secret_file", str(e))
+        if any(e.secret == secret for e in entries):
+            _fail(source, f"{where}.secret_file", "holds the same secret as another entry: give each its own")
+        entries.append(AccessEntry(name, role, None if pools is None else tuple(pools), secret))
+    return AccessList(entries)
+
+
 def _build(data: Any, source: str) -> Config:
     if data is None:
         data = {}
@@ -274,4 +321,5 @@ def _build(data: Any, source: str) -> Config:
     return Config(pools=pools, backend=backend, memcache_servers=servers,
                   poll_interval=poll, namespace=namespace, source=source,
                   state_file=state_file if backend == "inmemory" else None, state_fsync=state_fsync,
-                  max_connections_per_client=per_client, reserved_fds=reserved)
+                  max_connections_per_client=per_client, reserved_fds=reserved,
+                  access=_access(source, data.get("access")))

@@ -85,16 +85,16 @@ class EventHub:
         frame = f"id: {event_id}\nevent: {event.kind}\ndata: {data}\n\n".encode()
         self._history.append((event_id, event.pool, frame))
         for stream in list(self._streams):
-            if stream.pools is None or event.pool in stream.pools:
+            if stream.accepts(event.pool):
                 stream.send(frame)
 
     def recent(self, count: int) -> List[bytes]:
         """The last ``count`` frames (for the status page's first view)."""
         return [frame for _, _, frame in list(self._history)[-count:]]
 
-    def subscribe(self, request: Request, pools: Optional[Set[str]], last_id: Optional[str]) -> None:
-        """Serve ``request`` as an event stream until it ends."""
-        stream = EventStream(self, request, pools)
+    def subscribe(self, request: Request, accepts: Callable[[str], bool], last_id: Optional[str]) -> None:
+        """Serve ``request`` as an event stream of the pools ``accepts`` says yes to."""
+        stream = EventStream(self, request, accepts)
         self._streams.add(stream)
         request.notifyFinish().addBoth(lambda _: self._streams.discard(stream))
         stream.send(f"retry: {RETRY_MS}\n\n".encode())
@@ -115,7 +115,7 @@ class EventHub:
             stream.send(f"event: gap\ndata: {gap}\n\n".encode())
             return
         for event_id, pool, frame in self._history:
-            if event_id > after and (stream.pools is None or pool in stream.pools):
+            if event_id > after and stream.accepts(pool):
                 stream.send(frame)
 
     def _ping(self) -> None:
@@ -132,10 +132,10 @@ class EventStream:
     """One reader's stream; a push producer, so the transport says when its
     buffer is full (pauseProducing) and empty again (resumeProducing)."""
 
-    def __init__(self, hub: EventHub, request: Request, pools: Optional[Set[str]]) -> None:
+    def __init__(self, hub: EventHub, request: Request, accepts: Callable[[str], bool]) -> None:
         self.hub = hub
         self.request = request
-        self.pools = pools
+        self.accepts = accepts
         self._paused = False
         self._backlog: List[bytes] = []
         self._backlog_bytes = 0

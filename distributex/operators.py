@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import ipaddress
 from importlib import resources
-from typing import Callable, Dict, Optional, Set
+from typing import Callable, Dict, Set
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.threads import deferToThread
@@ -86,14 +86,23 @@ class Operators:
             raw = (request.args.get(b"last_event_id") or [None])[0]
         self.hub.subscribe(request, names, None if raw is None else raw.decode("ascii", "replace"))
 
-    def _pool_filter(self, request: Request) -> Optional[Set[str]]:
+    def _pool_filter(self, request: Request) -> Callable[[str], bool]:
+        """Which pools' events the stream carries: the named ones, else all,
+        and only those the request's access entry covers."""
         names: Set[str] = set()
+        entry = getattr(request, "access", None)
         for raw in request.args.get(b"pool", []):
             name = _text(b"pool", raw)
             if self.pools().find(name) is None:
                 raise BadRequest(404, f"unknown pool '{name}'")
+            if entry is not None and not entry.allows_pool(name):
+                raise BadRequest(403, f"access '{entry.name}' may not see pool '{name}'")
             names.add(name)
-        return names or None
+        if names:
+            return names.__contains__
+        if entry is not None:
+            return entry.allows_pool
+        return _every_pool
 
     # -- /metrics ------------------------------------------------------------
 
@@ -124,8 +133,9 @@ class Operators:
         if request.method != b"POST":
             request.setHeader(b"allow", b"POST")
             raise BadRequest(405, "method not allowed (reset with POST)")
-        who = client_address(request)
-        if not is_loopback(who):
+        who = _origin(request)
+        if getattr(request, "access", None) is None and not is_loopback(client_address(request)):
+            # With access control the admin role was checked already.
             raise BadRequest(403, "reset needs the admin role; without access control only from loopback")
         name = _param(request, b"pool")
         spec = self.pools().find(name) or self.backend.draining(name)
@@ -150,6 +160,10 @@ class Operators:
             done(result)
         else:
             result.addCallbacks(done, lambda f: _internal(f, request, as_json))
+
+
+def _every_pool(pool: str) -> bool:
+    return True
 
 
 def is_loopback(address: str) -> bool:

@@ -49,6 +49,7 @@ EXPIRED = "expired"
 LEFT = "left"
 RESET = "reset"  # an operator force-ended a hold, or dropped a waiter
 BLOCKED = "blocked"  # a lock-delay began: the pool grants nothing until it ends
+LAPSED = "lapsed"  # an answer kind, not an event: a grant that ended before it was delivered
 
 #: Why a /get was answered NO (contract section 5).
 BUSY = "busy"
@@ -98,7 +99,7 @@ class Answer:
     """The outcome of a queued ticket, kept until the server holding its
     connection delivers it (shared backends only)."""
 
-    kind: str  # GRANTED, RENEWED, or RESET (dropped by an operator: answered NO)
+    kind: str  # GRANTED, RENEWED, RESET (dropped by an operator: answered NO), or LAPSED
     token: int
     server: str
 
@@ -288,12 +289,28 @@ class Pool:
             step.events.append(Event(BLOCKED, self.spec.name, "", "", None, None, now))
         return step
 
-    def take_answers(self, server: str) -> Dict[str, Answer]:
-        """Remove and return the outcomes owed to ``server``'s tickets."""
+    def take_answers(self, server: str, now: Optional[float] = None) -> Dict[str, Answer]:
+        """Remove and return the outcomes owed to ``server``'s tickets.
+
+        With ``now`` (the delivery is now), a grant is delivered only if its
+        hold is still live, and its lease is renewed from now: the client
+        counts its lease from the YES it is about to get, so the server must
+        not count it from a grant made a poll, or a paused server, ago. A
+        grant whose hold has ended meanwhile (it expired before anyone was
+        told) comes back as LAPSED: its waiter has to queue again.
+        """
         answers = self.state.answers
         mine = {tid: a for tid, a in answers.items() if a.server == server}
-        for tid in mine:
+        for tid, answer in mine.items():
             del answers[tid]
+            if now is None or answer.kind == RESET:
+                continue
+            hold = next((h for h in self.state.holders.values() if h.token == answer.token), None)
+            if hold is None:
+                mine[tid] = Answer(LAPSED, answer.token, server)
+            elif self.spec.expire:
+                hold.expires_at = now + self.spec.expire
+                hold.renewals += 1
         return mine
 
     def drop_answers(self, gone: Callable[[str], bool]) -> None:

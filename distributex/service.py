@@ -96,8 +96,9 @@ class DistributexService(MultiService):
                  "pattern(s), listening on {endpoints}, state file {state}, access control {access}",
                  version=__version__, config=config.source, backend=config.backend, pools=len(config.pools),
                  patterns=len(config.pools.patterns), endpoints=", ".join(self.endpoints),
-                 state=os.path.abspath(state) if state else "none", access="off")
-        if not all(_loopback_only(e) for e in self.endpoints):
+                 state=os.path.abspath(state) if state else "none",
+                 access=f"on ({len(config.access.entries)} entries)" if config.access else "off")
+        if not config.access and not all(_loopback_only(e) for e in self.endpoints):
             log.warn("no access control: anyone who can reach {endpoints} can take and release any lock",
                      endpoints=", ".join(e for e in self.endpoints if not _loopback_only(e)))
         if threading.current_thread() is threading.main_thread():
@@ -120,7 +121,7 @@ class DistributexService(MultiService):
             return
         changes = describe_changes(self.config, new)
         self.backend.reconfigure(new.pools)
-        self.resource.configure(new.pools)
+        self.resource.configure(new.pools, new.access)
         self.metrics.forget_labels()
         self.config = new
         log.info("reloaded {config}: {changes}", config=new.source, changes="; ".join(changes) or "no change")
@@ -218,6 +219,9 @@ def describe_changes(old: Config, new: Config) -> List[str]:
     new_patterns = {p.pattern: p.template for p in after.patterns}
     if old_patterns != new_patterns:
         changes.append(f"patterns now {', '.join(new_patterns) or 'none'}")
+    if old.access.entries != new.access.entries:
+        changes.append(f"access control now {len(new.access.entries)} entries "
+                       f"({', '.join(e.name for e in new.access.entries) or 'off'})")
     for key in RESTART_KEYS:
         if getattr(old, key) != getattr(new, key):
             changes.append(f"{key} changed: it takes effect at the next restart")
@@ -248,7 +252,8 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     metrics = PoolMetrics(lambda name: top.config.pools.find(name), backend.lock_delays)
     for observer in (event_log.record, hub.record, metrics.record):
         backend.observers.append(observer)
-    resource = DistributexResource(backend, config.pools, reactor, on_backend_error=metrics.count_backend_error)
+    resource = DistributexResource(backend, config.pools, reactor, on_backend_error=metrics.count_backend_error,
+                                   access=config.access)
     top = DistributexService(reactor, event_log, config, backend, resource, hub, metrics, options.endpoints())
     backend.setServiceParent(top)
     Operators(backend, lambda: top.config.pools, hub, metrics, reactor).install(resource)

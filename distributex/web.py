@@ -25,6 +25,7 @@ from twisted.web.server import NOT_DONE_YET, Request, Site, version
 from zope.interface import implementer
 
 from distributex.backend import Backend, BackendUnavailable, QueueFull, ShuttingDown, WaitReset
+from distributex.access import ADMIN, ADMIN_PATHS, OPEN_PATHS, AccessEntry, AccessList
 from distributex.catalog import Catalog, PoolSpec
 from distributex.channel import ConnectionLimits, DistributexChannel
 from distributex.pool import Hold
@@ -139,9 +140,9 @@ def client_address(request: Request) -> str:
 def _origin(request: Request) -> str:
     """Who asked, for the audit log: the client's address, and the name of
     the access entry whose secret it gave (contract section 6)."""
-    access = getattr(request, "access_name", None)
+    access = getattr(request, "access", None)
     address = client_address(request)
-    return f"{address} {access}" if access else address
+    return f"{address} {access.name}" if access is not None else address
 
 
 def _who(spec: PoolSpec, host: str, session: str) -> Dict[str, Any]:
@@ -204,7 +205,8 @@ class DistributexResource(Resource):
     isLeaf = True
 
     def __init__(self, backend: Backend, pools: Catalog, reactor: IReactorTime,
-                 on_backend_error: Callable[[], None] = lambda: None) -> None:
+                 on_backend_error: Callable[[], None] = lambda: None,
+                 access: Optional[AccessList] = None) -> None:
         super().__init__()
         self.backend = backend
         self.reactor = reactor
@@ -212,11 +214,13 @@ class DistributexResource(Resource):
         self._routes: Dict[bytes, Handler] = {}
         self.add_routes({b"/get": self._get, b"/wait": self._wait, b"/release": self._release,
                          b"/status": self._status})
-        self.configure(pools)
+        self.configure(pools, access or AccessList(()))
 
-    def configure(self, pools: Catalog) -> None:
-        """Serve these pools from now on (a reload)."""
+    def configure(self, pools: Catalog, access: AccessList) -> None:
+        """Serve these pools, to these secrets, from now on (a reload)."""
         self.pools = pools
+        self.access = access
+        self._access_on = bool(access)  # checked on every request: a plain attribute
         self._expire_headers = {name: _seconds(spec.expire).encode() for name, spec in pools.items()}
 
     def add_routes(self, routes: Dict[bytes, Handler]) -> None:
@@ -234,6 +238,8 @@ class DistributexResource(Resource):
             handler = self._routes.get(request.path)
             if handler is None:
                 raise BadRequest(404, "unknown path")
+            if self._access_on and request.path not in OPEN_PATHS:
+                self._authorize(request)
             if request.method not in METHODS:
                 request.setHeader(b"allow", b"GET, POST")
                 raise BadRequest(405, "method not allowed (use GET or POST)")
@@ -243,6 +249,20 @@ class DistributexResource(Resource):
         except Exception:
             self._failed(Failure(), request, as_json)
         return NOT_DONE_YET
+
+    def _authorize(self, request: Request) -> None:
+        entry = self.access.identify(request.getHeader(b"authorization"))
+        if entry is None:
+            request.setHeader(b"www-authenticate", b'Bearer realm="distributex"')
+            raise BadRequest(401, "a known secret is needed: Authorization: Bearer SECRET")
+        if entry.role != ADMIN and request.path in ADMIN_PATHS:
+            raise BadRequest(403, f"access '{entry.name}' is not admin")
+        request.access = entry  # type: ignore[attr-defined]  # a DistributexRequest
+
+    def may_use(self, request: Request, pool: str) -> bool:
+        """Whether the request's access entry (if any) covers the pool."""
+        entry = getattr(request, "access", None)
+        return entry is None or entry.allows_pool(pool)
 
     # -- endpoints -----------------------------------------------------------
 
@@ -255,6 +275,8 @@ class DistributexResource(Resource):
             spec = self.backend.draining(name)
         if spec is None:
             raise BadRequest(404, f"unknown pool '{name}'")
+        if self._access_on and not self.may_use(request, name):
+            raise BadRequest(403, f"access '{request.access.name}' may not use pool '{name}'")  # type: ignore[attr-defined]
         if host is not None and not spec.allows(host):
             raise BadRequest(403, f"host '{host}' is not allowed in pool '{name}'")
         return spec
@@ -347,8 +369,12 @@ class DistributexResource(Resource):
             name = _text(b"pool", raw)
             if self.pools.find(name) is None and self.backend.draining(name) is None:
                 raise BadRequest(404, f"unknown pool '{name}'")
+            if not self.may_use(request, name):
+                raise BadRequest(403, f"access '{request.access.name}' may not see pool '{name}'")  # type: ignore[attr-defined]
             names.append(name)
-        StatusStream(self, request, names or self.backend.active_pools(), as_json).start()
+        if not names:
+            names = [n for n in self.backend.active_pools() if self.may_use(request, n)]
+        StatusStream(self, request, names, as_json).start()
 
     def _failed(self, reason: Failure, request: Request, as_json: bool) -> None:
         if reason.check(BackendUnavailable):
@@ -488,6 +514,7 @@ class DistributexRequest(Request):
     """
 
     long_poll = False
+    access: Optional[AccessEntry] = None  # the access entry whose secret it carried
 
     def process(self) -> None:
         self.site = self.channel.site  # type: ignore[attr-defined]  # set by Site.buildProtocol

@@ -12,6 +12,7 @@ from distributex.config import PoolSpec
 from distributex.pool import (
     EXPIRED,
     GRANTED,
+    LAPSED,
     LEFT,
     QUEUED,
     RELEASED,
@@ -621,3 +622,32 @@ def test_prune_drops_a_dead_servers_place_before_handing_on_an_expired_slot():
     pool.prune(lambda t: t.server == "dead", T0 + 10)
     assert holders(pool) == ["w2"]
     assert queue(pool) == []
+
+
+# -- answers owed to other servers' tickets ------------------------------------------
+
+
+def _shared_pool(expire=10.0):
+    return Pool(PoolSpec("p", expire=expire), wall=lambda: T0)
+
+
+def test_an_answer_taken_at_delivery_renews_the_hold_from_then():
+    pool = _shared_pool()
+    pool.get("a", "", T0)
+    pool.wait(Ticket("s2.1", "b", "", T0, "s2"), T0)
+    pool.release("a", T0 + 1)  # granted to b by this server; s2 will tell b
+    answers = pool.take_answers("s2", T0 + 5)
+    assert [a.kind for a in answers.values()] == [GRANTED]
+    (hold,) = pool.state.holders.values()
+    assert hold.expires_at == T0 + 5 + 10  # a full lease from the delivery
+
+
+def test_a_grant_that_lapsed_before_it_was_delivered_comes_back_lapsed():
+    pool = _shared_pool()
+    pool.get("a", "", T0)
+    pool.wait(Ticket("s2.1", "b", "", T0, "s2"), T0)
+    pool.release("a", T0 + 1)
+    pool.tick(T0 + 12)  # b's lease ran out: its server was paused
+    answers = pool.take_answers("s2", T0 + 12)
+    assert [a.kind for a in answers.values()] == [LAPSED]
+    assert pool.state.answers == {}

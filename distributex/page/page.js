@@ -35,8 +35,32 @@ function statusUrl(names) {
   return "/status/?" + q.toString();
 }
 
+// With access control on, the server wants "Authorization: Bearer SECRET";
+// the secret is asked for once and kept for this tab only.
+function headers(extra) {
+  const secret = sessionStorage.getItem("distributex-secret");
+  return Object.assign(secret ? {Authorization: "Bearer " + secret} : {}, extra || {});
+}
+
+function askSecret(message) {
+  const box = document.getElementById("pools");
+  const input = el("input", {type: "password", autocomplete: "current-password", "aria-label": "secret"});
+  const form = el("form", {class: "secret"}, el("p", {}, message), input, el("button", {type: "submit"}, "Open"));
+  form.addEventListener("submit", (e) => {
+    e.preventDefault();
+    sessionStorage.setItem("distributex-secret", input.value.trim());
+    start();
+  });
+  box.replaceChildren(form);
+  input.focus();
+}
+
 async function load(names) {
-  const response = await fetch(statusUrl(names), {headers: {Accept: "application/json"}});
+  const response = await fetch(statusUrl(names), {headers: headers({Accept: "application/json"})});
+  if (response.status === 401 || response.status === 403) {
+    askSecret(response.status === 401 ? "This server needs an access secret." : "That secret may not see these pools.");
+    throw new Error("access");
+  }
   if (!response.ok) throw new Error("status " + response.status);
   const body = await response.json();
   const now = Date.now();
@@ -108,26 +132,80 @@ function showEvent(kind, data) {
   while (list.children.length > MAX_EVENTS) list.lastChild.remove();
 }
 
-function connect() {
+const KINDS = ["queued", "granted", "renewed", "released", "expired", "left", "reset", "blocked"];
+
+function onEvent(kind, text) {
+  if (KINDS.includes(kind)) {
+    const data = JSON.parse(text);
+    showEvent(kind, data);
+    scheduleRefresh(data.pool);
+  } else if (kind === "gap" || kind === "dropped") {
+    load().catch(() => {});
+  }
+}
+
+function live(on) {
   const status = document.getElementById("connection");
-  const source = new EventSource("/events/");
-  const kinds = ["queued", "granted", "renewed", "released", "expired", "left", "reset", "blocked"];
-  for (const kind of kinds) {
-    source.addEventListener(kind, (message) => {
-      const data = JSON.parse(message.data);
-      showEvent(kind, data);
-      scheduleRefresh(data.pool);
-    });
+  status.textContent = on ? "live" : "reconnecting…";
+  status.className = "connection " + (on ? "live" : "lost");
+}
+
+let source = null;
+
+function connect() {
+  if (source) source.close();
+  if (!sessionStorage.getItem("distributex-secret")) {
+    // EventSource reconnects and resumes (Last-Event-ID) by itself.
+    source = new EventSource("/events/");
+    for (const kind of KINDS.concat(["gap", "dropped"])) {
+      source.addEventListener(kind, (message) => onEvent(kind, message.data));
+    }
+    source.onopen = () => live(true);
+    source.onerror = () => live(false);
+  } else {
+    follow(null);  // EventSource cannot send a secret: read the stream with fetch
   }
-  for (const kind of ["gap", "dropped"]) {
-    source.addEventListener(kind, () => load().catch(() => {}));
-  }
-  source.onopen = () => { status.textContent = "live"; status.className = "connection live"; };
-  source.onerror = () => { status.textContent = "reconnecting…"; status.className = "connection lost"; };
+}
+
+async function follow(lastId) {
+  try {
+    const response = await fetch("/events/", {headers: headers(lastId ? {"Last-Event-ID": lastId} : {})});
+    if (!response.ok) throw new Error("events " + response.status);
+    live(true);
+    const reader = response.body.getReader();
+    const decoder = new TextDecoder();
+    let buffer = "";
+    for (;;) {
+      const {value, done} = await reader.read();
+      if (done) break;
+      buffer += decoder.decode(value, {stream: true});
+      let end;
+      while ((end = buffer.indexOf("\n\n")) >= 0) {
+        const frame = buffer.slice(0, end);
+        buffer = buffer.slice(end + 2);
+        const fields = {};
+        for (const line of frame.split("\n")) {
+          const colon = line.indexOf(": ");
+          if (colon > 0) fields[line.slice(0, colon)] = line.slice(colon + 2);
+        }
+        if (fields.id) lastId = fields.id;
+        if (fields.data) onEvent(fields.event || "message", fields.data);
+      }
+    }
+  } catch (e) { /* the stream broke: try again */ }
+  live(false);
+  setTimeout(() => follow(lastId), 2000);
+}
+
+function start() {
+  load().then(connect).catch((e) => {
+    if (e.message !== "access") {
+      document.getElementById("pools").textContent = "Cannot read /status/: " + e.message;
+    }
+  });
 }
 
 document.addEventListener("DOMContentLoaded", () => {
-  load().catch((e) => { document.getElementById("pools").textContent = "Cannot read /status/: " + e.message; });
-  connect();
-  setInterval(render, 1000);  // held for, expires in: the clock moves on
+  start();
+  setInterval(() => { if (pools.size) render(); }, 1000);  // held for, expires in: the clock moves on
 });
