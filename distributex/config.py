@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import yaml
 
@@ -37,17 +37,20 @@ DEFAULT_MEMCACHE_PORT = 11211
 #: 100 ms p99 target while costing each such pool only 20 gets a second.
 DEFAULT_POLL_INTERVAL = 0.05
 DEFAULT_NAMESPACE = "distributex"
+#: etcd's own default client address.
+DEFAULT_ETCD_ENDPOINT = "http://127.0.0.1:2379"
 #: Beside twistd.pid in the working directory: a restart from the same
 #: place finds its holds again (contract guarantee 6).
 DEFAULT_STATE_FILE = "distributex.state"
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
-BACKENDS = ("inmemory", "memcache")
+BACKENDS = ("inmemory", "memcache", "etcd")
 
 TOP_KEYS = {
     "backend", "memcachehost", "memcacheport", "memcache_servers",
     "poll_interval", "namespace", "pools", "state_file", "state_fsync",
     "max_connections_per_client", "reserved_fds", "access",
+    "etcd_endpoints", "etcd_cacert", "etcd_cert", "etcd_key", "etcd_user", "etcd_password_file",
 }
 ACCESS_KEYS = {"name", "secret_file", "role", "pools"}
 POOL_KEYS = {"name", "pattern", "expire", "maxlocks", "servers", "max_waiters"}
@@ -69,6 +72,12 @@ class Config:
     max_connections_per_client: int = DEFAULT_MAX_CONNECTIONS_PER_CLIENT
     reserved_fds: int = DEFAULT_RESERVED_FDS
     access: AccessList = field(default_factory=lambda: AccessList(()))
+    etcd_endpoints: Tuple[str, ...] = (DEFAULT_ETCD_ENDPOINT,)
+    etcd_cacert: Optional[str] = None  # TLS to etcd: the CA that signed its certificates
+    etcd_cert: Optional[str] = None  # and this server's client certificate and key
+    etcd_key: Optional[str] = None
+    etcd_user: Optional[str] = None  # etcd authentication (the password from a file)
+    etcd_password_file: Optional[str] = None
     source: str = "<config>"
 
 
@@ -269,6 +278,33 @@ def _access(source: str, raw: Any) -> AccessList:
     return AccessList(entries)
 
 
+def _etcd(source: str, data: Dict[str, Any], backend: str) -> Dict[str, Any]:
+    """The etcd_* keys, checked; only with backend: etcd."""
+    given = sorted(k for k in data if k.startswith("etcd_"))
+    if given and backend != "etcd":
+        _fail(source, given[0], "only the etcd backend uses it (backend: etcd)")
+    out: Dict[str, Any] = {}
+    if "etcd_endpoints" in data:
+        endpoints = data["etcd_endpoints"]
+        if isinstance(endpoints, str):
+            endpoints = [e.strip() for e in endpoints.split(",")]
+        if not isinstance(endpoints, list) or not endpoints or not all(
+                isinstance(e, str) and re.match(r"^https?://[^/\s]+$", e.rstrip("/")) for e in endpoints):
+            _fail(source, "etcd_endpoints", "must be a non-empty list of http[s]://host:port URLs")
+        out["etcd_endpoints"] = tuple(e.rstrip("/") for e in endpoints)
+    for key in ("etcd_cacert", "etcd_cert", "etcd_key", "etcd_user", "etcd_password_file"):
+        if key in data:
+            value = data[key]
+            if not isinstance(value, str) or not value:
+                _fail(source, key, f"must be a string, not {value!r}")
+            out[key] = value
+    if ("etcd_cert" in out) != ("etcd_key" in out):
+        _fail(source, "etcd_cert", "etcd_cert and etcd_key go together")
+    if ("etcd_user" in out) != ("etcd_password_file" in out):
+        _fail(source, "etcd_user", "etcd_user and etcd_password_file go together")
+    return out
+
+
 def _build(data: Any, source: str) -> Config:
     if data is None:
         data = {}
@@ -314,6 +350,7 @@ def _build(data: Any, source: str) -> Config:
     if not isinstance(state_fsync, bool):
         _fail(source, "state_fsync", f"must be true or false, not {state_fsync!r}")
 
+    etcd = _etcd(source, data, backend)
     per_client = _integer(source, "max_connections_per_client",
                           data.get("max_connections_per_client", DEFAULT_MAX_CONNECTIONS_PER_CLIENT), 1)
     reserved = _integer(source, "reserved_fds", data.get("reserved_fds", DEFAULT_RESERVED_FDS), 0)
@@ -322,4 +359,4 @@ def _build(data: Any, source: str) -> Config:
                   poll_interval=poll, namespace=namespace, source=source,
                   state_file=state_file if backend == "inmemory" else None, state_fsync=state_fsync,
                   max_connections_per_client=per_client, reserved_fds=reserved,
-                  access=_access(source, data.get("access")))
+                  access=_access(source, data.get("access")), **etcd)

@@ -9,6 +9,9 @@ __all__ = ["Backend", "BackendUnavailable", "QueueFull", "ShuttingDown", "WaitRe
 
 def make_backend(config, reactor) -> Backend:
     """The backend the configuration names."""
+    if config.backend == "etcd":
+        from distributex.backend.etcd import EtcdBackend
+        return EtcdBackend(config, reactor)
     if config.backend == "memcache":
         from distributex.backend.memcache import MemcacheBackend
         return MemcacheBackend(config, reactor)
