@@ -8,6 +8,7 @@ disable a lock.
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple, Union
@@ -51,6 +52,7 @@ TOP_KEYS = {
     "poll_interval", "namespace", "pools", "state_file", "state_fsync",
     "max_connections_per_client", "reserved_fds", "access",
     "etcd_endpoints", "etcd_cacert", "etcd_cert", "etcd_key", "etcd_user", "etcd_password_file",
+    "tls_client_ca",
 }
 ACCESS_KEYS = {"name", "secret_file", "role", "pools"}
 POOL_KEYS = {"name", "pattern", "expire", "maxlocks", "servers", "max_waiters"}
@@ -78,6 +80,8 @@ class Config:
     etcd_key: Optional[str] = None
     etcd_user: Optional[str] = None  # etcd authentication (the password from a file)
     etcd_password_file: Optional[str] = None
+    # ssl: listeners then require a client certificate signed by this CA.
+    tls_client_ca: Optional[str] = None
     source: str = "<config>"
 
 
@@ -351,6 +355,9 @@ def _build(data: Any, source: str) -> Config:
         _fail(source, "state_fsync", f"must be true or false, not {state_fsync!r}")
 
     etcd = _etcd(source, data, backend)
+    client_ca = data.get("tls_client_ca")
+    if client_ca is not None and (not isinstance(client_ca, str) or not os.path.isfile(client_ca)):
+        _fail(source, "tls_client_ca", f"must name a PEM file of CA certificates, not {client_ca!r}")
     per_client = _integer(source, "max_connections_per_client",
                           data.get("max_connections_per_client", DEFAULT_MAX_CONNECTIONS_PER_CLIENT), 1)
     reserved = _integer(source, "reserved_fds", data.get("reserved_fds", DEFAULT_RESERVED_FDS), 0)
@@ -359,4 +366,4 @@ def _build(data: Any, source: str) -> Config:
                   poll_interval=poll, namespace=namespace, source=source,
                   state_file=state_file if backend == "inmemory" else None, state_fsync=state_fsync,
                   max_connections_per_client=per_client, reserved_fds=reserved,
-                  access=_access(source, data.get("access")), **etcd)
+                  access=_access(source, data.get("access")), tls_client_ca=client_ca, **etcd)

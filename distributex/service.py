@@ -172,6 +172,27 @@ def _with_backlog(endpoint: str) -> str:
     return endpoint
 
 
+def require_client_certificates(endpoint: Any, ca_path: str) -> Any:
+    """An ssl: endpoint that also requires a client certificate signed by a
+    CA of ``ca_path``; other endpoints as they are. Twisted's ssl: endpoint
+    string has no option for it: its certificate options are rebuilt."""
+    from twisted.internet import ssl
+    from twisted.internet.endpoints import SSL4ServerEndpoint
+
+    if not isinstance(endpoint, SSL4ServerEndpoint):
+        return endpoint
+    with open(ca_path, "rb") as f:
+        pems = re.findall(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", f.read(), re.DOTALL)
+    if not pems:
+        raise ValueError(f"tls_client_ca {ca_path} holds no PEM certificate")
+    old = endpoint._sslContextFactory
+    endpoint._sslContextFactory = ssl.CertificateOptions(
+        privateKey=old.privateKey, certificate=old.certificate, extraCertChain=old.extraCertChain,
+        verify=True, requireCertificate=True,
+        caCerts=[ssl.Certificate.loadPEM(pem).original for pem in pems])
+    return endpoint
+
+
 def _readable_logs_under_twist(parent: Any) -> None:
     """Make ``twist`` write text lines, as twistd does, unless told otherwise.
 
@@ -263,6 +284,8 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     for description in options.endpoints():
         try:
             endpoint = serverFromString(reactor, description)
+            if config.tls_client_ca is not None:
+                endpoint = require_client_certificates(endpoint, config.tls_client_ca)
         except Exception as e:
             _stop(f"--listen {description}: {e}")
         Listener(description, endpoint, site).setServiceParent(top)

@@ -130,12 +130,14 @@ class DistributexServer:
     """A real `twistd -n distributex` on 127.0.0.1, configured from a dict."""
 
     def __init__(self, config: Dict[str, Any], workdir: Optional[str] = None,
-                 port: Optional[int] = None, extra_args: Tuple[str, ...] = ()) -> None:
+                 port: Optional[int] = None, extra_args: Tuple[str, ...] = (),
+                 listen: Optional[str] = None) -> None:
         self.workdir = workdir or tempfile.mkdtemp(prefix="dx-test-")
         self.config_path = os.path.join(self.workdir, "distributex.yaml")
         with open(self.config_path, "w") as f:
             yaml.safe_dump(config, f)
         self.port = port or free_port()
+        self.listen = listen or f"tcp:{self.port}:interface=127.0.0.1"
         self.extra_args = extra_args
         # A command the server runs under, such as faketime; set before start().
         self.prefix: Tuple[str, ...] = ()
@@ -152,7 +154,7 @@ class DistributexServer:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [*self.prefix] + twistd_command() + ["-n", "--pidfile=", "distributex", "-c", self.config_path,
-                                "--listen", f"tcp:{self.port}:interface=127.0.0.1", *self.extra_args],
+                                "--listen", self.listen, *self.extra_args],
             cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT,
             env=None if self.env is None else dict(os.environ, **self.env))
         log.close()
