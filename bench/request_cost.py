@@ -7,7 +7,8 @@ rate by 15 % or more from one run to the next.
 Both resources sit behind a real twisted.web Site and HTTPChannel; the
 requests arrive through an in-memory transport (twisted.internet.testing's
 StringTransport), as keep-alive HTTP/1.1, in interleaved rounds. distributex
-runs its real resource, in-memory backend and event log (the log lines go
+runs its real resource, in-memory backend (with its state file, and without),
+event log, event hub and metrics (the log lines go
 to a file observer writing to /dev/null, as twistd's would to its log; the
 event log's clock advances as if ``--rate`` requests arrived per second, so
 it writes as often as it would under that load).
@@ -21,7 +22,9 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import statistics
+import tempfile
 import time
 
 from twisted.internet import reactor
@@ -29,9 +32,12 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogBeginner, textFileLogObserver
 
-from distributex.backend.memory import InMemoryBackend
-from distributex.config import PoolSpec
+from distributex.backend.memory import InMemoryBackend, monotonic_clock
+from distributex.backend.statefile import StateFile
+from distributex.catalog import Catalog, PoolSpec
 from distributex.eventlog import EventLog
+from distributex.events import EventHub
+from distributex.metrics import PoolMetrics
 from distributex.web import DistributexResource, DistributexSite
 
 from baseline_server import QuietSite, Yes  # the throughput baseline's site and resource
@@ -78,11 +84,23 @@ def main() -> None:
     devnull = open("/dev/null", "w")
     globalLogBeginner.beginLoggingTo([textFileLogObserver(devnull)], redirectStandardIO=False)
 
-    pools = {f"p{i}": PoolSpec(f"p{i}", expire=300) for i in range(CLIENTS)}
-    backend = InMemoryBackend(pools, reactor)
+    pools = Catalog({f"p{i}": PoolSpec(f"p{i}", expire=300) for i in range(CLIENTS)})
     clock = Clock()
-    backend.observers.append(EventLog(clock).record)
-    dx_site = DistributexSite(DistributexResource(backend, pools, reactor))
+
+    def server(state_file: bool) -> DistributexSite:
+        """The server's real parts: backend (with or without its state file),
+        event log, event hub and metrics as observers, resource and site."""
+        journal = None
+        if state_file:
+            path = os.path.join(tempfile.mkdtemp(prefix="dx-cost-"), "distributex.state")
+            journal = StateFile(path, monotonic_clock(), time.time)
+        backend = InMemoryBackend(pools, reactor, state_file=journal)
+        metrics = PoolMetrics(pools.find)
+        for observer in (EventLog(clock).record, EventHub(clock).record, metrics.record):
+            backend.observers.append(observer)
+        return DistributexSite(DistributexResource(backend, pools, reactor))
+
+    sites = {"off": server(False), "on": server(True)}
     base_site = QuietSite(Yes())
 
     def request(path: str) -> bytes:
@@ -98,20 +116,25 @@ def main() -> None:
     base_requests = [request(f"/get/?pool=p{i}&host=client{i}") for i in range(CLIENTS)]
 
     n = args.requests
-    run(base_site, None, base_requests, n // 10)  # warm up both
-    run(dx_site, clock, dx_requests, n // 10, args.rate)
-    base, dx = [], []
+    run(base_site, None, base_requests, n // 10)  # warm up all
+    for site in sites.values():
+        run(site, clock, dx_requests, n // 10, args.rate)
+    base: list = []
+    dx: dict = {mode: [] for mode in sites}
     for _ in range(args.rounds):
         base.append(run(base_site, None, base_requests, n) / n * 1e6)
-        dx.append(run(dx_site, clock, dx_requests, n, args.rate) / n * 1e6)
-    b, d = statistics.median(base), statistics.median(dx)
+        for mode, site in sites.items():
+            dx[mode].append(run(site, clock, dx_requests, n, args.rate) / n * 1e6)
+    b = statistics.median(base)
     print(f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}; {args.rounds} rounds of {n} requests, "
           f"32 keep-alive channels, in-memory transport")
-    print(f"bare twisted.web resource:  {b:6.1f} us of CPU per request (rounds: "
+    print(f"bare twisted.web resource:                 {b:6.1f} us of CPU per request (rounds: "
           f"{', '.join(f'{x:.1f}' for x in base)})")
-    print(f"distributex get/release:    {d:6.1f} us of CPU per request (rounds: "
-          f"{', '.join(f'{x:.1f}' for x in dx)})")
-    print(f"distributex adds {d - b:.1f} us per request: it serves {100 * b / d:.1f}% of the baseline's rate")
+    for mode, costs in dx.items():
+        d = statistics.median(costs)
+        print(f"distributex get/release, state file {mode + ':':<4}  {d:6.1f} us of CPU per request (rounds: "
+              f"{', '.join(f'{x:.1f}' for x in costs)}); adds {d - b:.1f} us: {100 * b / d:.1f}% of the "
+              f"baseline's rate")
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import resource
 import socket
+import time
 from typing import Any, Dict, Optional
 
 from twisted.internet.interfaces import IDelayedCall
@@ -86,7 +87,9 @@ class DistributexChannel(HTTPChannel):
     totalHeadersSize = MAX_HEAD_BYTES
 
     _head_timer: Optional[IDelayedCall] = None
+    _head_began = 0.0
     _in_head = False
+    _refused = False
     _body_bytes = 0
     _limits: Optional["ConnectionLimits"] = None
     _address: Optional[str] = None
@@ -105,16 +108,20 @@ class DistributexChannel(HTTPChannel):
     # -- the head --------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
-        if self.line_mode:
-            if not self._in_head and data:
-                self._in_head = True
-                self._body_bytes = 0
-                self._head_timer = self.callLater(HEAD_DEADLINE, self._head_too_slow)
+        if self.line_mode and not self._in_head and data:
+            self._in_head = True
+            self._body_bytes = 0
+            self._head_began = time.monotonic()
         super().dataReceived(data)
+        if self._in_head and self._head_timer is None and not self._refused:
+            # The head did not come whole in one read (it nearly always
+            # does): from now on it has what is left of HEAD_DEADLINE.
+            left = self._head_began + HEAD_DEADLINE - time.monotonic()
+            self._head_timer = self.callLater(max(0.0, left), self._head_too_slow)
         # What the line parser kept is a line not yet ended by CRLF: an LF in
         # it is a bare LF, which twisted.web never takes for a line end, so
         # the request would wait for the idle timeout instead of an answer.
-        if self.line_mode and b"\n" in self._buffer:
+        if self.line_mode and b"\n" in self._buffer and not self._refused:
             self._refuse(400, "bare LF line ending: HTTP lines end with CRLF")
 
     def allHeadersReceived(self) -> None:
@@ -168,6 +175,8 @@ class DistributexChannel(HTTPChannel):
     def _refuse(self, status: int, reason: str) -> None:
         """Answer and close: what comes after a broken head cannot be trusted."""
         self._cancel_head_timer()
+        self._refused = True
+        self._in_head = False
         self.setRawMode()
         self.dataReceived = self.rawDataReceived = lambda data: None  # type: ignore[method-assign]
         self.transport.write(refusal(status, reason))  # type: ignore[union-attr]

@@ -64,7 +64,9 @@ class EventHub:
         # asked of a restarted server names an id it never gave and is told
         # of the gap, instead of silently matching an unrelated event.
         self._next_id = int(wall() * 1000) * 1000
-        self._history: Deque[Tuple[int, str, bytes]] = deque(maxlen=history)  # (id, pool, frame)
+        # (id, event, wall time): serialised only when a reader needs it, so
+        # that a server nobody follows pays a deque append per event.
+        self._history: Deque[Tuple[int, Event, float]] = deque(maxlen=history)
         self._streams: Set[EventStream] = set()
         self._keepalive = LoopingCall(self._ping)
         self._keepalive.clock = reactor
@@ -80,17 +82,13 @@ class EventHub:
 
     def record(self, event: Event) -> None:
         self._next_id += 1
-        event_id = self._next_id
-        data = json.dumps(event_json(event, event_id, self.wall()), separators=(",", ":"))
-        frame = f"id: {event_id}\nevent: {event.kind}\ndata: {data}\n\n".encode()
-        self._history.append((event_id, event.pool, frame))
-        for stream in list(self._streams):
-            if stream.accepts(event.pool):
-                stream.send(frame)
-
-    def recent(self, count: int) -> List[bytes]:
-        """The last ``count`` frames (for the status page's first view)."""
-        return [frame for _, _, frame in list(self._history)[-count:]]
+        entry = (self._next_id, event, self.wall())
+        self._history.append(entry)
+        if self._streams:
+            frame = _frame(*entry)
+            for stream in list(self._streams):
+                if stream.accepts(event.pool):
+                    stream.send(frame)
 
     def subscribe(self, request: Request, accepts: Callable[[str], bool], last_id: Optional[str]) -> None:
         """Serve ``request`` as an event stream of the pools ``accepts`` says yes to."""
@@ -114,9 +112,9 @@ class EventHub:
                               "last_event_id": last_id})
             stream.send(f"event: gap\ndata: {gap}\n\n".encode())
             return
-        for event_id, pool, frame in self._history:
-            if event_id > after and stream.accepts(pool):
-                stream.send(frame)
+        for event_id, event, at in list(self._history):
+            if event_id > after and stream.accepts(event.pool):
+                stream.send(_frame(event_id, event, at))
 
     def _ping(self) -> None:
         for stream in list(self._streams):
@@ -125,6 +123,11 @@ class EventHub:
     @property
     def readers(self) -> int:
         return len(self._streams)
+
+
+def _frame(event_id: int, event: Event, at: float) -> bytes:
+    data = json.dumps(event_json(event, event_id, at), separators=(",", ":"))
+    return f"id: {event_id}\nevent: {event.kind}\ndata: {data}\n\n".encode()
 
 
 @implementer(IPushProducer)

@@ -2,8 +2,8 @@
 
 What is counted on the request path is counted in plain dictionaries on
 the reactor thread (an increment costs a tenth of a microsecond, a labelled
-prometheus_client child with its lock ten times more); a collector turns
-them into metric families at scrape time, and the exposition is generated
+prometheus_client child with its lock ten times more), histograms too; a
+collector turns them into prometheus_client metric families at scrape time, and the exposition is generated
 in a worker thread, so a scrape of many pools never stalls the reactor
 (the collector copies each dictionary at once, which the GIL makes atomic).
 
@@ -31,10 +31,11 @@ and the holders and waiters of the pools it last read.
 from __future__ import annotations
 
 import time
-from typing import Callable, Dict, Iterator, Optional, Tuple
+from bisect import bisect_left
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
-from prometheus_client import CollectorRegistry, Histogram, ProcessCollector
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry, ProcessCollector
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
@@ -64,10 +65,10 @@ class PoolMetrics:
         self._queued: Dict[str, float] = {}  # ticket -> when it queued
         self._granted: Dict[Tuple[str, str, str, int], float] = {}  # (pool, host, session, token) -> when
         self._labels: Dict[str, str] = {}  # pool -> its label (cached: find() is not free)
-        self.wait_seconds = Histogram("distributex_wait_seconds", "Time from a request to its grant",
-                                      ["pool"], buckets=WAIT_BUCKETS, registry=self.registry)
-        self.hold_seconds = Histogram("distributex_hold_seconds", "Time from a grant to its end",
-                                      ["pool"], buckets=HOLD_BUCKETS, registry=self.registry)
+        # pool label -> [bucket counts..., sum]: histograms kept by hand for
+        # the same reason as the counters; exported as HistogramMetricFamily.
+        self.wait_seconds: Dict[str, List[float]] = {}
+        self.hold_seconds: Dict[str, List[float]] = {}
         self.registry.register(_Families(self, lock_delays))
 
     def label(self, pool: str) -> str:
@@ -102,7 +103,7 @@ class PoolMetrics:
             queued = self._queued.pop(ticket, None) if ticket is not None else None
             if queued is not None:
                 self.waiters[label] -= 1
-            self.wait_seconds.labels(label).observe(0.0 if queued is None else now - queued)
+            _observe(self.wait_seconds, label, WAIT_BUCKETS, 0.0 if queued is None else now - queued)
             self.holders[label] = self.holders.get(label, 0) + 1
             assert event.token is not None
             self._granted[(event.pool, event.host, event.session, event.token)] = now
@@ -110,7 +111,7 @@ class PoolMetrics:
             self.holders[label] = self.holders.get(label, 0) - 1
             granted = self._granted.pop((event.pool, event.host, event.session, event.token or 0), None)
             if granted is not None:
-                self.hold_seconds.labels(label).observe(self.clock() - granted)
+                _observe(self.hold_seconds, label, HOLD_BUCKETS, self.clock() - granted)
         elif kind is LEFT or kind is RESET or kind is RENEWED:
             if ticket is not None and self._queued.pop(ticket, None) is not None:
                 self.waiters[label] -= 1
@@ -118,6 +119,27 @@ class PoolMetrics:
     def exposition(self) -> bytes:
         """The text exposition; safe to call from a worker thread."""
         return bytes(generate_latest(self.registry))
+
+
+def _observe(histogram: Dict[str, List[float]], label: str, buckets: Tuple[float, ...], value: float) -> None:
+    counts = histogram.get(label)
+    if counts is None:
+        counts = histogram[label] = [0.0] * (len(buckets) + 1)
+    counts[bisect_left(buckets, value)] += 1  # the first bucket whose bound is >= value
+    counts[-1] += value
+
+
+def _histogram(name: str, help_text: str, histogram: Dict[str, List[float]],
+               buckets: Tuple[float, ...]) -> HistogramMetricFamily:
+    family = HistogramMetricFamily(name, help_text, labels=["pool"])
+    for label, counts in list(histogram.items()):
+        counts = list(counts)  # one copy: the reactor thread goes on counting
+        cumulative, total = [], 0.0
+        for bound, count in zip(buckets, counts):
+            total += count
+            cumulative.append(("+Inf" if bound == float("inf") else repr(float(bound)), total))
+        family.add_metric([label], cumulative, sum_value=counts[-1])
+    return family
 
 
 class _Families(Collector):
@@ -159,6 +181,10 @@ class _Families(Collector):
         for pool, seconds in self.lock_delays().items():
             delays.add_metric([pool], seconds)
         yield delays
+        yield _histogram("distributex_wait_seconds", "Time from a request to its grant", m.wait_seconds,
+                         WAIT_BUCKETS)
+        yield _histogram("distributex_hold_seconds", "Time from a grant to its end", m.hold_seconds,
+                         HOLD_BUCKETS)
         errors = CounterMetricFamily("distributex_backend_errors",
                                      "Requests answered ERROR because the backend was out of reach")
         errors.add_metric([], m.backend_errors)

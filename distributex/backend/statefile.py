@@ -49,6 +49,10 @@ BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
 
 
 
+#: One encoder for every line: json.dumps with separators builds a new one per call.
+_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
 class StateFileError(Exception):
     """The state file cannot be used; str() is the one line to print."""
 
@@ -200,7 +204,7 @@ class StateFile:
             elif kind is RELEASED or kind is EXPIRED or (kind is RESET and event.token is not None):
                 changes.append(["-", spec.name, event.host, event.session])
         if changes:
-            self._append(json.dumps(changes, separators=(",", ":")).encode() + b"\n")
+            self._append(_encode(changes).encode() + b"\n")
 
     def needs_compaction(self) -> bool:
         return self._written > max(COMPACT_MIN_BYTES, 2 * self._compacted)
