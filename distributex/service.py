@@ -107,8 +107,9 @@ class DistributexService(MultiService):
         # as long as the process: out of the garbage collector's scans, so
         # that a full collection in a server of 100,000 pools takes
         # milliseconds instead of a tenth of a second.
-        gc.collect()
-        gc.freeze()
+        if hasattr(gc, "freeze"):  # CPython; PyPy's collector needs no help
+            gc.collect()
+            gc.freeze()
 
     def reload(self) -> None:
         """Re-read the configuration file (SIGHUP): new pools appear, removed
