@@ -35,6 +35,9 @@ def start_server(request, tmp_path):
             config.setdefault("memcache_servers", [mc.address])
             # A namespace per test keeps tests sharing one memcached apart.
             config.setdefault("namespace", f"t{uuid.uuid4().hex}")
+        elif backend == "etcd":
+            config.setdefault("etcd_endpoints", request.getfixturevalue("etcd_cluster").endpoints)
+            config.setdefault("namespace", f"t{uuid.uuid4().hex}")
         workdir = tmp_path / f"server{len(started)}"
         workdir.mkdir()
         server = DistributexServer(config, workdir=str(workdir))
@@ -50,3 +53,14 @@ def start_server(request, tmp_path):
 def backend(request):
     """Parametrizes a test over both backends."""
     return request.param
+
+
+@pytest.fixture(scope="session")
+def etcd_cluster():
+    """One real 3-member etcd cluster for the session (tests/etcdcluster.py);
+    tests that kill members start their own."""
+    from etcdcluster import EtcdCluster
+
+    cluster = EtcdCluster()
+    yield cluster
+    cluster.stop()
