@@ -22,56 +22,72 @@ flushed or evicts, and a forgotten holder may still be working:
    names the node's incarnation. It is created once, with ``add``, and never
    overwritten; every pool record carries the incarnation it was written
    under. Each transaction reads the record and the marker in one round
-   trip, and the heartbeat reads every node's marker every second.
+   trip (both live on the pool's node), and the heartbeat reads every
+   node's marker every second.
 2. A server remembers the marker it last saw on each node. The node lost its
    data when the marker is gone or differs from the one remembered, or when
-   a record names another incarnation than the marker (it survived a lost
-   marker). The server that notices first writes, with ``add``/``cas``, a
-   blocked record for every pool it knows on that node, and only then adds
-   a new marker; each server that remembered the old marker does the same
-   for its pools before it touches the node again. A blocked pool grants
-   nothing for one lock-delay: max(its lease, LOCK_DELAY_MIN). A record
-   that vanished while its marker stayed (an eviction: run memcached with
-   -M) is blocked by any server that had read it. Nothing is dropped from
-   what a server remembers before the blocked record is written.
+   a record names another incarnation than the marker (it outlived a lost
+   marker, or was written by an ``add`` that landed on the restarted node:
+   after an ``add`` the writer reads the marker again and answers ERROR if
+   it changed). The server that notices first writes, with ``add``/``cas``,
+   a blocked record for every pool it knows on that node, and only then
+   adds a new, settling marker (rule 3); every other server that
+   remembered the old marker does the same for its pools (or, where the
+   pool is blocked already, raises its token floor, rule 5) before it
+   touches the node again. A blocked pool grants nothing for one lock-delay:
+   max(its lease, LOCK_DELAY_MIN); the /wait and /get that find it so are
+   answered at once (NO, "lock-delay until T"). A record that vanished
+   while its marker stayed (an eviction: run memcached with -M) is blocked
+   by any server that had read it. What a server remembers (the marker,
+   the pools it read under it) changes only once the blocks are written.
 3. A server that remembers no marker and finds none cannot tell a brand-new
    cluster from a total loss. It decides with memcached's own ``stats``: a
    node that has been up MARKER_SETTLE seconds and was never flushed and
-   never evicted gets a marker at once (a new namespace: no delay). Any
-   other node gets a *settling* marker: nothing on it is granted (requests
-   wait) until MARKER_SETTLE seconds after each server first saw it, which
-   gives every live server that remembers the old marker five heartbeats to
-   write its blocks. So a server started together with (or after) a
-   restarted or flushed memcached does not grant what a running server
-   remembers. The unavoidable case: when no running server remembers the
-   node (all were down, or hung for longer than MARKER_SETTLE, when it lost
-   its data), a lost hold cannot be known, exactly as at a first start.
+   never evicted gets a marker in use at once (a new namespace: no delay).
+   Any other node gets a *settling* marker: nothing on it that could be
+   granted is answered until MARKER_SETTLE seconds after each server first
+   saw the marker (the requests wait), which gives every live server that
+   remembers the old marker five heartbeats to write its blocks. So a
+   server started together with (or after) a restarted or flushed memcached
+   does not grant what a running server remembers: a brand-new marker costs
+   a lock-delay only if some server remembers a marker. The unavoidable
+   case: when no running server remembers the node (all were down, or hung
+   for longer than MARKER_SETTLE, when it lost its data), a lost hold cannot
+   be known, exactly as at a first start.
 
 Leases are timed by observation (rule 4). Servers' wall clocks differ, so a
 record holds no deadline: a hold carries its lease length, and its version
 (token, renewals) is timed by each server from the moment that server first
-saw it, on its own monotonic clock (CLOCK_BOOTTIME). No server ends a hold
-earlier than ``expire`` after its grant or last renewal; the first server
-whose own count has run out ends it for everyone. A lock-delay is timed the
-same way, from when each server first saw the block. Liveness cost: a
-server that first sees a hold late (it started, or had not read the pool)
-counts a whole lease from then: at most one extra lease, and only when no
-server that saw the hold earlier touches the pool. The table of first
-sightings keeps only what the records last read hold.
+saw it, on its own monotonic clock (CLOCK_BOOTTIME); the record's times are
+translated into that clock before the pool rules run. No server ends a hold
+earlier than ``expire`` after its grant or last renewal (every server first
+sees a version after it was written); the first server whose own count has
+run out ends it for everyone. A lock-delay is timed the same way, from when
+each server first saw the block. Liveness cost: a server that first sees a
+hold late (it started, or had not read the pool) counts a whole lease from
+then: at most one extra lease, and only when no server that saw the hold
+earlier touches the pool. The table of first sightings keeps only what the
+records last read hold, so it stays bounded.
 
 Fencing tokens across a lost record (rule 5). Every record a server creates,
 and every lock-delay it ends, raises the pool's last token to
-max(the last token this server saw for the pool, wall clock in µs +
-TOKEN_FLOOR_MARGIN). That exceeds every token granted before provided each
-granting server's clock is within MAX_CLOCK_SKEW of the pool's memcached
-clock (so within 2 x MAX_CLOCK_SKEW of each other) and a lock-delay lasts
-longer than 2 x MAX_CLOCK_SKEW (LOCK_DELAY_MIN). Each server measures its
-offset to every memcached's clock (``stats`` time, whole seconds that lag
-by up to a second, so each sample is an interval; the samples of the last
-CLOCK_SAMPLES heartbeats are intersected) at start, every heartbeat, and
-before a transaction when the last sample is older than CLOCK_RECHECK. Past
-the bound it logs at critical level and answers ERROR (503) for the pools of
-that memcached, granting nothing, until it is back within bound.
+max(the last token this server saw for the pool, its wall clock in µs +
+TOKEN_FLOOR_MARGIN), and a server that finds a pool blocked for a loss it
+noticed raises it to its own floor too. That exceeds every token granted
+before, whatever server granted it, provided each server's clock is within
+MAX_CLOCK_SKEW of the pool's memcached clock (so within 2 x MAX_CLOCK_SKEW of
+each other) and a lock-delay lasts longer than 2 x MAX_CLOCK_SKEW
+(LOCK_DELAY_MIN, so that the tokens drawn from one floor are older than the
+next floor's margin). Each server measures its offset to every memcached's
+clock at start, every heartbeat, and before a transaction when the last
+sample is older than CLOCK_RECHECK: ``stats`` gives memcached's time in
+whole seconds that lag its clock by up to MEMCACHED_TIME_LAG, so a sample is
+an interval, and the samples of the last CLOCK_SAMPLES heartbeats are
+intersected. Past the bound (the interval's far end) it logs at critical
+level and answers ERROR (503) for the pools of that memcached, granting
+nothing (its local waiters on them get ERROR too), and /health answers
+ERROR, until it is back within bound. A clock stepped between two samples
+goes unnoticed for up to a heartbeat.
 
 Across servers:
 
@@ -90,8 +106,12 @@ Across servers:
   again.
 
 Every in-process deadline (leases, blocks, settling, presence freshness,
-ticket ages) is on the monotonic clock; the wall clock is used only for
-tokens and for the times /status/ shows.
+ticket ages, clock re-measurement) is on the monotonic clock; the wall clock
+is used only for tokens and for the times /status/ shows. (The reactor's
+own timers, which pace the polls and heartbeats, follow its clock.)
+
+A record in another format (an older distributex) counts as lost: upgrade
+every server of a cluster together.
 """
 
 from __future__ import annotations
@@ -117,7 +137,7 @@ from twisted.python.threadpool import ThreadPool
 
 from distributex.backend.base import LEFT, Backend, BackendUnavailable, Operation
 from distributex.config import DEFAULT_EXPIRE, Config, PoolSpec
-from distributex.pool import Answer, Event, Hold, Pool, PoolState, Step, Ticket
+from distributex.pool import BLOCKED, RESET, Answer, Event, Hold, Pool, PoolState, Step, Ticket
 from distributex.token import TOKEN_RESOLUTION
 
 #: A server refreshes its presence keys (and reads every node's marker and
@@ -283,6 +303,12 @@ class MemcacheBackend(Backend):
         # versions, blocks, tickets, answers), on its monotonic clock.
         self._obs: Dict[str, Dict[tuple, float]] = {}
         self._last_token: Dict[str, int] = {}  # the highest token seen, by pool
+        self._blocked: Dict[str, float] = {}  # pool -> end of its lock-delay, as last seen
+        self._busy: Set[str] = set()  # pools whose record last read had holders or waiters
+        # Events of work done outside a pool's own transaction (the blocks a
+        # loss wrote), told to observers on the reactor thread.
+        self._pending_events: List[Event] = []
+        self._pending_lock = threading.Lock()
         self._presence: Dict[Tuple[str, str], Tuple[bool, float]] = {}  # (node, server) -> (alive, checked)
         # Tickets that left locally but whose leave has not reached
         # memcached yet (it was down): retried by the poller.
@@ -386,15 +412,38 @@ class MemcacheBackend(Backend):
     def _snapshot(self, name: str) -> Deferred:
         return self._run(name, _tick).addCallback(lambda result: (self._spec(name), result[1], result[3]))
 
+    def health(self) -> Deferred:
+        """Every memcached answers, and this server's clock agrees with theirs."""
+        return self._in_thread(self._healthy)
+
+    def _healthy(self) -> bool:
+        try:
+            for node in self.nodes.values():
+                self._call(node.client.get, self._marker_key)
+                self._check_clock(node)
+        except BackendUnavailable:
+            return False
+        return True
+
+    def lock_delays(self) -> Dict[str, float]:
+        now = self.mono()
+        return {name: until - now for name, until in list(self._blocked.items()) if until > now}
+
+    def active_pools(self) -> List[str]:
+        named = list(self.pools)
+        return named + sorted(self._busy - set(named))
+
     def _committed(self, result: Result, name: str) -> Result:
         step, state, answers, now = result
+        self._flush_events()
         self._dispatch(step)
-        # Grants that other servers made to our tickets: the transaction took
-        # their outcomes out of the record, so each is delivered once, here.
+        # Outcomes that other servers gave our tickets: the transaction took
+        # them out of the record, so each is delivered once, here.
         for ticket_id, answer in answers.items():
             local = self._tickets.get(ticket_id)
             if local is not None:
-                self._deliver(ticket_id, Event(answer.kind, name, local.host, "", answer.token,
+                token = None if answer.kind == RESET else answer.token  # a dropped waiter: NO
+                self._deliver(ticket_id, Event(answer.kind, name, local.host, "", token,
                                                ticket_id, now, local.session))
         for ticket_id, local in self._tickets.items():
             if local.pool == name:
@@ -402,6 +451,13 @@ class MemcacheBackend(Backend):
                 if ticket is not None:
                     self._queued[ticket_id] = ticket  # seen queued: see _requeue
         return result
+
+    def _flush_events(self) -> None:
+        if self._pending_events:
+            step = Step()
+            with self._pending_lock:
+                step.events, self._pending_events = self._pending_events, []
+            self._dispatch(step)
 
     def _close(self, ticket_id: str, state: str) -> Optional[Deferred]:
         self._queued.pop(ticket_id, None)
@@ -504,8 +560,9 @@ class MemcacheBackend(Backend):
             record = self._load(name, raw, now, wall)
             if record.incarnation != incarnation and record.loss != incarnation:
                 lost = "its record predates the node's marker (the marker was lost)"
+        blocked: List[Event] = []
         if lost is not None:
-            self._block_record(record, spec, incarnation, now, wall)
+            blocked = self._block_record(record, spec, incarnation, now, wall)
             dirty = True
             self.log.critical(
                 "memcached lost pool {pool} on {node}: {why}; granting nothing in it for {delay:g} s "
@@ -523,23 +580,32 @@ class MemcacheBackend(Backend):
         if record.incarnation != incarnation:
             record.incarnation = incarnation
             dirty = True
+        self._note_block(name, state.blocked_until)
         pool = Pool(spec, state, self.wall)
         pruned = self._prune(node, pool, now)
         step = operation(pool, now)
-        step.events[:0] = pruned
+        step.events[:0] = blocked + pruned
         answers = pool.take_answers(self.server_id)
         if step.events or answers:
             dirty = True
         return record, (self._dump(name, record, now, wall) if dirty else None), step, answers
 
-    def _block_record(self, record: _Record, spec: PoolSpec, incarnation: str, now: float, wall: float) -> None:
+    def _block_record(self, record: _Record, spec: PoolSpec, incarnation: str, now: float,
+                      wall: float) -> List[Event]:
         block = (uuid.uuid4().hex[:16], _lock_delay(spec))
         self._obs.setdefault(spec.name, {})[("b", block[0])] = now
         record.block = block
         record.loss = incarnation
         record.incarnation = incarnation
-        record.state.blocked_until = now + block[1]
         record.state.last_token = max(record.state.last_token, self._floor(spec.name, wall))
+        return Pool(spec, record.state, self.wall).block(now, now + block[1]).events
+
+    def _note_block(self, name: str, until: float) -> None:
+        """Remember the pool's lock-delay, for lock_delays()."""
+        if until:
+            self._blocked[name] = until
+        else:
+            self._blocked.pop(name, None)
 
     def _check_unchanged(self, node: _Node, incarnation: str) -> None:
         """After an ``add``: the node kept its marker, so it did not restart
@@ -555,6 +621,10 @@ class MemcacheBackend(Backend):
             if node.incarnation == incarnation:
                 node.seen.add(name)
         self._saw_token(name, state.last_token)
+        if state.holders or state.queue:
+            self._busy.add(name)
+        else:
+            self._busy.discard(name)
 
     def _saw_token(self, name: str, token: int) -> None:
         if token > self._last_token.get(name, 0):
@@ -719,7 +789,7 @@ class MemcacheBackend(Backend):
                 data = {"v": RECORD_VERSION, "n": incarnation, "L": incarnation, "tok": floor, "b": block,
                         "h": [], "q": [], "a": {}}
                 if self._call(node.client.add, key, _json(data), noreply=False):
-                    self._obs.setdefault(name, {})[("b", block[0])] = now
+                    self._blocked_by_loss(name, block, now)
                     return
                 continue
             try:
@@ -728,14 +798,25 @@ class MemcacheBackend(Backend):
                     raise ValueError("record version")
             except (ValueError, AttributeError):
                 data = {"v": RECORD_VERSION, "n": None, "L": None, "tok": 0, "b": None, "h": [], "q": [], "a": {}}
-            if data["L"] == incarnation:
-                return  # blocked for this loss already
             self._saw_token(name, data["tok"])
+            if data["L"] == incarnation:
+                # Blocked for this loss already; the tokens this server saw
+                # still count.
+                if data["tok"] >= floor or self._call(node.client.cas, key, _json(dict(data, tok=floor)), cas,
+                                                      noreply=False):
+                    return
+                continue
             data.update(n=incarnation, L=incarnation, b=block, tok=max(data["tok"], floor))
             if self._call(node.client.cas, key, _json(data), cas, noreply=False):
-                self._obs.setdefault(name, {})[("b", block[0])] = now
+                self._blocked_by_loss(name, block, now)
                 return
         raise BackendUnavailable(f"pool {name!r}: too much contention while blocking it")
+
+    def _blocked_by_loss(self, name: str, block: List[Any], now: float) -> None:
+        self._obs.setdefault(name, {})[("b", block[0])] = now
+        self._blocked[name] = now + block[1]
+        with self._pending_lock:
+            self._pending_events.append(Event(BLOCKED, name, "", "", None, None, now))
 
     def _create_marker(self, node: _Node) -> None:
         """A node with no marker that nobody here remembers: in use at once
@@ -836,6 +917,7 @@ class MemcacheBackend(Backend):
     def _beat(self) -> Deferred:
         d = self._in_thread(self._beat_now)
         d.addErrback(lambda f: self.log.error("memcached heartbeat failed: {f.value}", f=f))
+        d.addCallback(lambda _: self._flush_events())
         return d
 
     def _beat_now(self) -> None:

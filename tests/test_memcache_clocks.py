@@ -1,0 +1,96 @@
+"""The memcache backend when the servers' clocks disagree: real memcached,
+real twistd servers, some of them under libfaketime (Debian's faketime)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+
+import pytest
+
+from servers import wait_until
+from test_memcache import token
+
+pytestmark = [
+    pytest.mark.timeout(180),
+    pytest.mark.skipif(not os.path.exists("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
+                       and shutil.which("faketime") is None, reason="faketime is not installed"),
+]
+
+LIBFAKETIME = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1"
+
+
+@pytest.fixture
+def start_clocked(start_server, memcached, monkeypatch, tmp_path):
+    """start_clocked(offset, pools, **config): a memcache server whose clocks
+    run ``offset`` ("+2s", "-10s") from the machine's, or (offset "file") whose
+    wall clock the test steps by writing the returned file."""
+    namespace = f"k{time.monotonic_ns()}"
+
+    def start(offset, pools, memcache=memcached, **config):
+        with monkeypatch.context() as m:
+            step_file = None
+            if offset == "file":
+                step_file = tmp_path / f"clock{time.monotonic_ns()}"
+                step_file.write_text("+0s\n")
+                m.setenv("FAKETIME_TIMESTAMP_FILE", str(step_file))
+                m.setenv("FAKETIME_NO_CACHE", "1")
+                # The monotonic clock keeps running; only the wall clock steps.
+                m.setenv("FAKETIME_DONT_FAKE_MONOTONIC", "1")
+                m.setenv("LD_PRELOAD", LIBFAKETIME)
+            elif offset:
+                m.setenv("FAKETIME", offset)
+                m.setenv("LD_PRELOAD", LIBFAKETIME)
+            server = start_server(pools, backend="memcache", memcache=memcache, namespace=namespace, **config)
+        server.step_file = step_file
+        return server
+    return start
+
+
+@pytest.mark.parametrize("clocks", [("", "+2s"), ("-2s", "+2s")])
+def test_a_server_whose_clock_runs_ahead_does_not_end_a_lease_early(start_clocked, clocks):
+    pools = [{"name": "p", "expire": 1}]
+    a, b = start_clocked(clocks[0], pools), start_clocked(clocks[1], pools)
+    assert a.call("get", pool="p", host="h1").body == b"YES"
+    # b's clock says h1's lease has run out; h1 has held it for milliseconds.
+    assert b.call("get", pool="p", host="h2").body == b"NO"
+
+
+def test_a_wall_clock_step_does_not_end_a_lease_early(start_clocked):
+    (a,) = [start_clocked("file", [{"name": "p", "expire": 2}])]
+    assert a.call("get", pool="p", host="h1").body == b"YES"
+    a.step_file.write_text("+2.5s\n")
+    assert a.call("get", pool="p", host="h2").body == b"NO"
+
+
+@pytest.mark.parametrize("offset", ["+10s", "-10s"])
+def test_a_server_whose_clock_is_10_s_off_grants_nothing(start_clocked, offset):
+    pools = [{"name": "p", "expire": 30}]
+    a, b = start_clocked("", pools), start_clocked(offset, pools)
+    answer = b.call("get", pool="p", host="h2")
+    assert (answer.status, answer.body) == (503, b"ERROR")
+    assert "clock" in answer.headers["x-distributex-reason"]
+    assert a.call("get", pool="p", host="h1").body == b"YES"
+    assert b.call("get", pool="p", host="h2").body == b"ERROR"
+    assert "CRITICAL" in b.log().upper() and "clock" in b.log()
+
+
+@pytest.mark.parametrize("offset", ["+10s", "-10s"])
+def test_a_server_whose_clock_is_10_s_off_is_unhealthy(start_clocked, offset):
+    (b,) = [start_clocked(offset, [{"name": "p", "expire": 30}])]
+    answer = b.call("health")
+    assert (answer.status, answer.body) == (503, b"ERROR")
+
+
+def test_tokens_never_go_back_after_memcached_loses_a_pool(start_clocked, own_memcached):
+    pools = [{"name": "p", "expire": 1}]
+    a = start_clocked("+2s", pools, memcache=own_memcached)
+    b = start_clocked("-2s", pools, memcache=own_memcached)
+    first = token(a.call("get", pool="p", host="h1"))
+    own_memcached.kill()
+    own_memcached.start()
+    # b's clock is 4 s behind a's; its first grant after the loss must still
+    # carry a larger token than a's last one.
+    assert wait_until(lambda: b.call("get", pool="p", host="h2").body == b"YES", timeout=90, interval=0.2)
+    assert token(b.call("get", pool="p", host="h2")) > first
