@@ -4,7 +4,7 @@ import pytest
 
 from servers import DistributexServer, Memcached
 
-BACKENDS = ["inmemory", "memcache"]
+BACKENDS = ["inmemory", "memcache", "etcd"]
 
 
 @pytest.fixture(scope="session")

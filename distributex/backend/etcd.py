@@ -345,6 +345,10 @@ class EtcdBackend(Backend):
         self._seqs: Dict[str, List[int]] = {}
         self._info: Dict[str, Ticket] = {}
         self._snapshots: Dict[int, list] = {}  # a status op -> where its snapshot goes
+        # The last view of each pool (read, or read back after our write),
+        # and the last revision at which the watch showed it changed.
+        self._views: Dict[str, Tuple[_View, int, Optional[int], int]] = {}
+        self._foreign: Dict[str, int] = {}
         self._stopping = False
         self._watch: Any = None
         self._watch_from = 0  # the next revision the watch must deliver
@@ -762,6 +766,12 @@ class EtcdBackend(Backend):
         need = [t for op in batch for t in op.need]
         wlo, whi, limit = self._window(name, spec, full)
         view: Optional[_View] = None
+        cached = self._views.pop(name, None)
+        if cached is not None and not full and not need:
+            # What this server last read or wrote: right unless another
+            # server changed the pool since, which the txn's compares catch.
+            view, wlo, whi, limit = cached
+        confirmed = view is None
         conflicts = 0
         pause = 0.01
         while True:
@@ -770,6 +780,7 @@ class EtcdBackend(Backend):
             try:
                 if view is None:
                     view = await self._read(name, wlo, whi, limit, need, deadline)
+                    confirmed = True
                 try:
                     self._check_window(view, full)
                 except _Retry as r:
@@ -786,27 +797,47 @@ class EtcdBackend(Backend):
                     wlo, whi, limit = plan.wlo, (None if plan.exact else plan.whi), plan.limit
                     view = None
                     continue
+                reads = self._read_ops(name, wlo, whi, limit, need)
                 if not plan.writes:
+                    if not confirmed:
+                        # Nothing to write, from a remembered view: make sure
+                        # it is still the truth (a linearizable read).
+                        answer = await self.client.txn(self._compares(name, view), [], reads, read_only=True,
+                                                       deadline=max(0.5, deadline - self.mono()))
+                        if not answer.get("succeeded"):
+                            view = self._parse(answer.get("responses", []), int(answer["header"]["revision"]),
+                                               wlo, whi, limit)
+                            confirmed = True
+                            continue
                     self._seen_state(name, view, plan.result.state, now)
+                    if not full and not need:
+                        self._keep_view(name, view, wlo, whi, limit)
                     return plan.result
                 for ticket_id, seq in plan.new_seqs.items():
                     self._seqs.setdefault(ticket_id, []).append(seq)  # in case its fate is unknown
-                failure_ops = self._read_ops(name, wlo, whi, limit, need)
+                after = reads if len(plan.writes) + len(reads) <= MAX_TXN_OPS and not need else []
                 try:
-                    answer = await self.client.txn(plan.compares, plan.writes, failure_ops)
+                    answer = await self.client.txn(plan.compares, plan.writes + after, reads)
                 except Ambiguous:
                     # Did it land? The pool key names its last writers.
                     view = await self._read(name, wlo, whi, limit, need, deadline)
+                    confirmed = True
                     if plan.txn_id in view.meta.get("ids", ()):
                         return self._landed(name, plan, view.pool.mod_revision if view.pool else 0)
                     continue
+                revision = int(answer["header"]["revision"])
                 if answer.get("succeeded"):
-                    return self._landed(name, plan, int(answer["header"]["revision"]))
+                    if after:
+                        # The txn read the pool back after its writes.
+                        fresh = self._parse(answer.get("responses", [])[len(plan.writes):], revision,
+                                            wlo, whi, limit)
+                        self._keep_view(name, fresh, wlo, whi, limit)
+                    return self._landed(name, plan, revision)
                 conflicts += 1
                 if conflicts > MAX_CONFLICTS:
                     raise BackendUnavailable(f"pool {name!r}: too much contention ({conflicts} conflicts)")
-                view = self._parse(answer.get("responses", []), int(answer["header"]["revision"]),
-                                   wlo, whi, limit)
+                view = self._parse(answer.get("responses", []), revision, wlo, whi, limit)
+                confirmed = True
                 if conflicts > 2:
                     await deferLater(self.reactor, random.uniform(0, pause), lambda: None)
                     pause = min(pause * 2, 0.2)
@@ -820,6 +851,18 @@ class EtcdBackend(Backend):
                 view = None
                 await deferLater(self.reactor, pause, lambda: None)
                 pause = min(pause * 2, 0.5)
+
+    def _compares(self, name: str, view: _View) -> List[Dict]:
+        """The view is still the truth: the pool key and every waiter key read are unchanged."""
+        compares = [mod_is(self._pool_key(name), view.pool.mod_revision if view.pool is not None else 0)]
+        compares += [mod_is(kv.key, kv.mod_revision) for kv in view.head + view.extra]
+        return compares[:MAX_TXN_OPS]
+
+    def _keep_view(self, name: str, view: _View, wlo: int, whi: Optional[int], limit: int) -> None:
+        """Remember a view for the pool's next operation, unless the watch
+        already showed a later change by someone else."""
+        if self._foreign.get(name, 0) <= view.revision:
+            self._views[name] = (view, wlo, whi, limit)
 
     def _plan(self, name: str, spec: PoolSpec, view: _View, batch: List[_Op], now: float, wall: float) -> Any:
         """Apply the batch to the state read: a _Plan, or _Retry when the
@@ -1179,6 +1222,14 @@ class EtcdBackend(Backend):
 
     def _on_revision(self, events: List[Tuple[str, bool, List[bytes], KV]], now: float) -> None:
         written: Dict[str, Optional[Dict[str, Any]]] = {}
+        for kind, _, parts, kv in events:
+            if kind in ("pool", "q", "a") and parts:
+                name = parts[0].decode()
+                if kv.mod_revision > self._foreign.get(name, 0):
+                    self._foreign[name] = kv.mod_revision
+                cached = self._views.get(name)
+                if cached is not None and cached[0].revision < kv.mod_revision:
+                    del self._views[name]
         for kind, deleted, parts, kv in events:
             if kind == "pool" and parts:
                 name = parts[0].decode()
