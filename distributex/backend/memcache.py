@@ -244,7 +244,7 @@ class _Node:
 class _Record:
     """A pool record decoded into this server's monotonic time."""
 
-    __slots__ = ("state", "incarnation", "loss", "block", "walls")
+    __slots__ = ("state", "incarnation", "loss", "block", "walls", "fresh")
 
     def __init__(self, state: PoolState, incarnation: Optional[str], loss: Optional[str],
                  block: Optional[Block], walls: Dict[tuple, float]) -> None:
@@ -253,6 +253,9 @@ class _Record:
         self.loss = loss  # the last node incarnation whose lock-delay this pool took
         self.block = block
         self.walls = walls  # wall times as stored, for the times /status/ shows
+        # What this transaction writes for the first time (new lease
+        # versions, a new block), and when: first seen only once written.
+        self.fresh: Dict[tuple, float] = {}
 
 
 def _read_marker(raw: Optional[bytes]) -> Optional[Marker]:
@@ -298,7 +301,10 @@ class MemcacheBackend(Backend):
         # One transaction per pool at a time from this server: local
         # requests queue here instead of fighting each other with CAS.
         self._locks: Dict[str, DeferredLock] = {}
-        self._used: Set[str] = set()  # pools this server has touched
+        # Pools this server has touched, and when last (monotonic): a loss
+        # blocks them too. Pools made on demand are forgotten once no hold
+        # this server saw in them can still run.
+        self._used: Dict[str, float] = {}
         # When this server first saw each thing in a pool's record (lease
         # versions, blocks, tickets, answers), on its monotonic clock.
         self._obs: Dict[str, Dict[tuple, float]] = {}
@@ -345,7 +351,7 @@ class MemcacheBackend(Backend):
 
     def _pools_on(self, node: _Node) -> List[str]:
         """The pools this server knows (configured, or used) that live on the node."""
-        return sorted(name for name in set(self.pools) | self._used if self._node(name) is node)
+        return sorted(name for name in set(self.pools) | set(self._used) if self._node(name) is node)
 
     # -- service -----------------------------------------------------------------
 
@@ -380,7 +386,7 @@ class MemcacheBackend(Backend):
         return deferToThreadPool(cast(Any, self.reactor), self.threads, f, *args)
 
     def _run(self, name: str, operation: Operation) -> Deferred:
-        self._used.add(name)
+        self._used[name] = self.mono()
         lock = self._locks.get(name)
         if lock is None:
             lock = self._locks[name] = DeferredLock()
@@ -519,16 +525,17 @@ class MemcacheBackend(Backend):
                                                                operation, now, wall)
                 yield APPLIED
                 if data is None:
-                    self._noted(node, name, incarnation, record.state)
+                    self._noted(node, name, incarnation, record)
                     return step, record.state, answers, now  # nothing to write
                 if raw is None:
                     stored = self._call(node.client.add, key, data, noreply=False)
                 else:
                     stored = self._call(node.client.cas, key, data, cas, noreply=False)
                 if stored:
+                    self._obs.setdefault(name, {}).update(record.fresh)
                     if raw is None:
                         self._check_unchanged(node, incarnation)
-                    self._noted(node, name, incarnation, record.state)
+                    self._noted(node, name, incarnation, record)
                     return step, record.state, answers, now
                 attempts += 1
                 if attempts >= MAX_CAS_ATTEMPTS:
@@ -593,7 +600,7 @@ class MemcacheBackend(Backend):
     def _block_record(self, record: _Record, spec: PoolSpec, incarnation: str, now: float,
                       wall: float) -> List[Event]:
         block = (uuid.uuid4().hex[:16], _lock_delay(spec))
-        self._obs.setdefault(spec.name, {})[("b", block[0])] = now
+        record.fresh[("b", block[0])] = now
         record.block = block
         record.loss = incarnation
         record.incarnation = incarnation
@@ -616,7 +623,8 @@ class MemcacheBackend(Backend):
             # blocks the pool. Our step is not answered.
             raise BackendUnavailable(f"memcached {node.address} lost its data during the request")
 
-    def _noted(self, node: _Node, name: str, incarnation: str, state: PoolState) -> None:
+    def _noted(self, node: _Node, name: str, incarnation: str, record: _Record) -> None:
+        state = record.state
         with node.lock:
             if node.incarnation == incarnation:
                 node.seen.add(name)
@@ -654,15 +662,20 @@ class MemcacheBackend(Backend):
             data = json.loads(raw)
             if data.get("v") != RECORD_VERSION:
                 raise ValueError("record version")
-        except (ValueError, AttributeError):
-            # Another format (an older distributex): what it held is
-            # unknown here, so it counts as lost; its last token is kept.
-            self._obs[name] = obs
-            token = data.get("t") if isinstance(data, dict) else None
-            state = PoolState(last_token=token if isinstance(token, int) else 0)
-            self._saw_token(name, state.last_token)
-            return _Record(state, None, None, None, {})
-        state = PoolState(last_token=data["tok"])
+            record = self._decode(name, data, now, wall, first_seen)
+        except (ValueError, AttributeError, KeyError, TypeError, IndexError):
+            # Another format (an older distributex), or damaged: what it
+            # held is unknown here, so it counts as lost; its token is kept.
+            token = data.get("tok", data.get("t")) if isinstance(data, dict) else None
+            record = _Record(PoolState(last_token=token if isinstance(token, int) else 0), None, None, None, {})
+            obs.clear()
+        self._obs[name] = obs  # only what the record holds: the table stays bounded
+        self._saw_token(name, record.state.last_token)
+        return record
+
+    def _decode(self, name: str, data: Dict[str, Any], now: float, wall: float,
+                first_seen: Callable[[tuple], float]) -> _Record:
+        state = PoolState(last_token=int(data["tok"]))
         walls: Dict[tuple, float] = {}
         for host, session, label, token, renewals, granted, lease, ticket, server in data["h"]:
             start = first_seen(("h", host, session, token, renewals))
@@ -681,30 +694,33 @@ class MemcacheBackend(Backend):
                 self._saw_token(name, token)
         block = data["b"]
         if block is not None:
-            block = (block[0], block[1])
+            block = (str(block[0]), float(block[1]))
             state.blocked_until = first_seen(("b", block[0])) + block[1]
-        self._obs[name] = obs  # only what the record holds: the table stays bounded
-        self._saw_token(name, state.last_token)
         return _Record(state, data["n"], data["L"], block, walls)
 
     def _dump(self, name: str, record: _Record, now: float, wall: float) -> bytes:
-        obs = self._obs.setdefault(name, {})
+        obs = self._obs.get(name, {})
+        fresh = record.fresh
         walls = record.walls
         state = record.state
         holds = []
         for h in state.holders.values():
-            # A version this server has not seen before is new: it starts now.
-            start = obs.setdefault(("h", h.host, h.session, h.token, h.renewals), now)
+            # A version this server has not seen before is new: it starts now
+            # (and counts as seen once the write lands).
+            key = ("h", h.host, h.session, h.token, h.renewals)
+            start = obs[key] if key in obs else fresh.setdefault(key, now)
             granted = walls.get(("h", h.host, h.session, h.token), wall - (now - h.granted_at))
             holds.append([h.host, h.session, h.label, h.token, h.renewals, granted,
                           None if h.expires_at is None else h.expires_at - start, h.ticket, h.server])
         queue = []
         for t in state.queue.values():
-            obs.setdefault(("t", t.id), now)
+            if ("t", t.id) not in obs:
+                fresh[("t", t.id)] = now
             queue.append([t.id, t.host, t.session, t.label, walls.get(("t", t.id), wall - (now - t.queued_at)),
                           t.server])
         for ticket_id in state.answers:
-            obs.setdefault(("a", ticket_id), now)
+            if ("a", ticket_id) not in obs:
+                fresh[("a", ticket_id)] = now
         return json.dumps({
             "v": RECORD_VERSION,
             "n": record.incarnation,
@@ -918,6 +934,7 @@ class MemcacheBackend(Backend):
         d = self._in_thread(self._beat_now)
         d.addErrback(lambda f: self.log.error("memcached heartbeat failed: {f.value}", f=f))
         d.addCallback(lambda _: self._flush_events())
+        d.addCallback(lambda _: self._forget_pools())
         return d
 
     def _beat_now(self) -> None:
@@ -931,9 +948,29 @@ class MemcacheBackend(Backend):
                 self._sync(node, marker, False, self.mono(), create=False)
             except BackendUnavailable as e:
                 self.log.error("memcached {node} heartbeat failed: {e}", node=node.address, e=e)
-        forget = self.mono() - 60 * PRESENCE_TTL
+        now = self.mono()
+        forget = now - 60 * PRESENCE_TTL
         for key in [k for k, (_, at) in self._presence.items() if at < forget]:
             self._presence.pop(key, None)
+
+    def _forget_pools(self) -> None:
+        """Forget pools made on demand that this server has not used for two
+        lock-delays (the holds it saw there have ended; servers that renew
+        them remember them): what it keeps stays bounded by the pools in use.
+        On the reactor thread, like the locks."""
+        now = self.mono()
+        for name, used in list(self._used.items()):
+            if name in self.pools:
+                continue
+            spec = self._spec(name)
+            if spec is not None and now - used < 2 * _lock_delay(spec):
+                continue
+            lock = self._locks.get(name)
+            if lock is not None and (lock.locked or lock.waiting):
+                continue
+            for table in (self._used, self._locks, self._obs, self._last_token, self._node_of, self._blocked):
+                table.pop(name, None)
+            self._busy.discard(name)
 
     def _poll(self) -> None:
         """Re-read the pools where local connections wait (grants by other
