@@ -65,7 +65,9 @@ def main() -> int:
     code = 1
     try:
         with Processes() as procs:
-            settings = {"backend": "etcd", "etcd_endpoints": etcd.endpoints, "namespace": f"bench{os.getpid()}"}
+            # One client address opens every waiter: lift the per-client cap.
+            settings = {"backend": "etcd", "etcd_endpoints": etcd.endpoints, "namespace": f"bench{os.getpid()}",
+                        "max_connections_per_client": n + 100}
             pools = [{"name": BIG, "expire": 3600, "max_waiters": n + 100}, {"name": OTHER, "expire": 3600}]
             servers = [Server(procs, pools, settings, name=f"dx{i}", nofile=nofile) for i in range(args.servers)]
             etcd_pids = [m.proc.pid for m in etcd.members if m.proc is not None]
