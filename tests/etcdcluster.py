@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import signal
+import ssl
 import subprocess
 import tempfile
 import time
@@ -27,16 +28,68 @@ def available() -> bool:
     return os.path.exists(ETCD)
 
 
-def _json_post(url: str, payload: dict, timeout: float = 2.0) -> dict:
+def _json_post(url: str, payload: dict, timeout: float = 2.0, context: Optional[ssl.SSLContext] = None,
+               headers: Optional[dict] = None) -> dict:
     request = urllib.request.Request(url, data=json.dumps(payload).encode(), method="POST",
-                                     headers={"content-type": "application/json"})
-    with urllib.request.urlopen(request, timeout=timeout) as r:
+                                     headers={"content-type": "application/json", **(headers or {})})
+    with urllib.request.urlopen(request, timeout=timeout, context=context) as r:
         return json.loads(r.read())
 
 
+class TLSFiles:
+    """A CA, and a certificate for 127.0.0.1 good for both server and client
+    use (etcd's gateway presents it to etcd itself), made with cryptography."""
+
+    def __init__(self, directory: str) -> None:
+        import datetime
+        import ipaddress
+
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+        def name(cn: str) -> x509.Name:
+            return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+        now = datetime.datetime.now(datetime.timezone.utc)
+        ca_key = ec.generate_private_key(ec.SECP256R1())
+        ca = (x509.CertificateBuilder().subject_name(name("dx test CA")).issuer_name(name("dx test CA"))
+              .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+              .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=1))
+              .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+              .sign(ca_key, hashes.SHA256()))
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = (x509.CertificateBuilder().subject_name(name("127.0.0.1")).issuer_name(ca.subject)
+                .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=1))
+                .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                                                            x509.DNSName("localhost")]), critical=False)
+                .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
+                                                      ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+                .sign(ca_key, hashes.SHA256()))
+        self.ca = os.path.join(directory, "ca.pem")
+        self.cert = os.path.join(directory, "cert.pem")
+        self.key = os.path.join(directory, "key.pem")
+        with open(self.ca, "wb") as f:
+            f.write(ca.public_bytes(serialization.Encoding.PEM))
+        with open(self.cert, "wb") as f:
+            f.write(cert.public_bytes(serialization.Encoding.PEM))
+        with open(self.key, "wb") as f:
+            f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                      serialization.NoEncryption()))
+        os.chmod(self.key, 0o600)
+
+    def context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context(cafile=self.ca)
+        context.load_cert_chain(self.cert, self.key)
+        return context
+
+
 class Member:
-    def __init__(self, name: str, data_dir: str) -> None:
+    def __init__(self, name: str, data_dir: str, scheme: str = "http") -> None:
         self.name = name
+        self.scheme = scheme
         self.data_dir = data_dir
         self.client_port = free_port()
         self.peer_port = free_port()
@@ -45,7 +98,7 @@ class Member:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.client_port}"
+        return f"{self.scheme}://127.0.0.1:{self.client_port}"
 
     @property
     def peer_url(self) -> str:
@@ -60,7 +113,7 @@ class EtcdCluster:
     """``size`` etcd members forming one cluster on loopback."""
 
     def __init__(self, size: int = 3, heartbeat_ms: int = 50, election_ms: int = 500,
-                 extra_args: tuple = ()) -> None:
+                 extra_args: tuple = (), tls: bool = False) -> None:
         if not available():
             raise RuntimeError("etcd is not installed: apt-get install -y etcd-server")
         base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
@@ -69,7 +122,14 @@ class EtcdCluster:
         self.election_ms = election_ms
         self.extra_args = extra_args
         self.token = f"dx-{os.getpid()}-{time.monotonic_ns()}"
-        self.members = [Member(f"m{i}", os.path.join(self.dir, f"m{i}")) for i in range(size)]
+        self.tls = TLSFiles(self.dir) if tls else None
+        self.context = self.tls.context() if self.tls is not None else None
+        if self.tls is not None:
+            self.extra_args = tuple(extra_args) + (
+                "--cert-file", self.tls.cert, "--key-file", self.tls.key, "--trusted-ca-file", self.tls.ca,
+                "--client-cert-auth")
+        self.members = [Member(f"m{i}", os.path.join(self.dir, f"m{i}"), "https" if tls else "http")
+                        for i in range(size)]
         self.initial = ",".join(f"{m.name}={m.peer_url}" for m in self.members)
         for member in self.members:
             self._spawn(member, "new")
@@ -94,7 +154,7 @@ class EtcdCluster:
 
     def status(self, member: Member) -> Optional[dict]:
         try:
-            return _json_post(f"{member.url}/v3/maintenance/status", {}, timeout=1.0)
+            return _json_post(f"{member.url}/v3/maintenance/status", {}, timeout=1.0, context=self.context)
         except (OSError, ValueError):
             return None
 
@@ -114,12 +174,18 @@ class EtcdCluster:
                 member.member_id = status["header"]["member_id"]
             if ok:
                 try:
-                    _json_post(f"{self.running()[0].url}/v3/kv/range", {"key": "AA=="}, timeout=2.0)
+                    self.post("/v3/kv/range", {"key": "AA=="})
                     return
                 except (OSError, ValueError):
                     pass
             time.sleep(0.05)
         raise RuntimeError(f"etcd cluster not healthy after {timeout}s; logs in {self.dir}")
+
+    def post(self, path: str, payload: dict, token: Optional[str] = None) -> dict:
+        """One gateway request to the first running member."""
+        headers = {"authorization": token} if token else None
+        return _json_post(f"{self.running()[0].url}{path}", payload, timeout=2.0, context=self.context,
+                          headers=headers)
 
     def running(self) -> List[Member]:
         return [m for m in self.members if m.running]

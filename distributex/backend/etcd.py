@@ -151,6 +151,7 @@ from distributex.backend.etcd_client import (
     EtcdClient,
     EtcdError,
     NotSent,
+    _is_final,
     delete_op,
     mod_is,
     prefix_end,
@@ -842,7 +843,7 @@ class EtcdBackend(Backend):
                     await deferLater(self.reactor, random.uniform(0, pause), lambda: None)
                     pause = min(pause * 2, 0.2)
             except NotSent as e:
-                if "too many operations" in str(e) or "request is too large" in str(e):
+                if _is_final(e):  # refused: sending it again will not help
                     raise BackendUnavailable(f"pool {name!r}: {e}") from None
                 view = None
                 await deferLater(self.reactor, pause, lambda: None)
@@ -1222,14 +1223,16 @@ class EtcdBackend(Backend):
 
     def _on_revision(self, events: List[Tuple[str, bool, List[bytes], KV]], now: float) -> None:
         written: Dict[str, Optional[Dict[str, Any]]] = {}
-        for kind, _, parts, kv in events:
+        for kind, deleted, parts, kv in events:
             if kind in ("pool", "q", "a") and parts:
                 name = parts[0].decode()
                 if kv.mod_revision > self._foreign.get(name, 0):
                     self._foreign[name] = kv.mod_revision
                 cached = self._views.get(name)
                 if cached is not None and cached[0].revision < kv.mod_revision:
-                    del self._views[name]
+                    if not _follow(cached[0], kind, deleted, parts, kv):
+                        del self._views[name]
+
         for kind, deleted, parts, kv in events:
             if kind == "pool" and parts:
                 name = parts[0].decode()
@@ -1275,6 +1278,46 @@ class EtcdBackend(Backend):
                 self._lease_lost("our waiter keys vanished")
             elif name in self._by_pool:
                 self._poke(name)
+
+
+def _follow(view: _View, kind: str, deleted: bool, parts: List[bytes], kv: KV) -> bool:
+    """Bring a remembered view up to date with one event of its pool; False
+    when the view can no longer say what the head of the queue is."""
+    if kind == "pool":
+        if deleted:
+            return False
+        try:
+            meta = json.loads(kv.value)
+        except ValueError:
+            return False
+        if not isinstance(meta, dict) or meta.get("v") != VERSION:
+            return False
+        view.pool, view.meta = kv, meta
+    elif kind == "a" and len(parts) == 2:
+        view.answers = [a for a in view.answers if a.key != kv.key]
+        if not deleted:
+            view.answers.append(kv)
+    elif kind == "q" and len(parts) == 3:
+        seq = int(parts[1], 16)
+        inside = view.wlo <= seq < view.whi
+        if deleted:
+            before = len(view.head)
+            view.head = [h for h in view.head if h.key != kv.key]
+            view.extra = [h for h in view.extra if h.key != kv.key]
+            if inside:
+                view.window_count -= 1
+            if before > len(view.head) and view.limit and before >= view.limit and view.window_count > len(view.head):
+                return False  # the next waiter after the head is unknown
+        elif inside:
+            view.window_count += 1
+            if not view.limit or len(view.head) < view.limit:
+                if view.head and kv.key < view.head[-1].key:
+                    return False
+                view.head.append(kv)
+    else:
+        return False
+    view.revision = max(view.revision, kv.mod_revision)
+    return True
 
 
 def _hidden(spec: PoolSpec, hidden: int) -> PoolSpec:
