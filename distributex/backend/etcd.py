@@ -1223,15 +1223,21 @@ class EtcdBackend(Backend):
 
     def _on_revision(self, events: List[Tuple[str, bool, List[bytes], KV]], now: float) -> None:
         written: Dict[str, Optional[Dict[str, Any]]] = {}
+        # Remembered views follow the change, unless they already hold it
+        # (our own txn read the pool back at this revision).
+        revision = events[0][3].mod_revision
+        following: Dict[str, bool] = {}
         for kind, deleted, parts, kv in events:
             if kind in ("pool", "q", "a") and parts:
                 name = parts[0].decode()
-                if kv.mod_revision > self._foreign.get(name, 0):
-                    self._foreign[name] = kv.mod_revision
-                cached = self._views.get(name)
-                if cached is not None and cached[0].revision < kv.mod_revision:
-                    if not _follow(cached[0], kind, deleted, parts, kv):
-                        del self._views[name]
+                if revision > self._foreign.get(name, 0):
+                    self._foreign[name] = revision
+                if name not in following:
+                    cached = self._views.get(name)
+                    following[name] = cached is not None and cached[0].revision < revision
+                if following[name] and not _follow(self._views[name][0], kind, deleted, parts, kv):
+                    del self._views[name]
+                    following[name] = False
 
         for kind, deleted, parts, kv in events:
             if kind == "pool" and parts:
