@@ -251,6 +251,21 @@ def test_a_grant_owed_to_a_paused_server_goes_to_the_next_waiter_when_its_lease_
     assert [h["host"] for h in a.status("p")["holders"]] == ["live"]
 
 
+def test_a_paused_servers_waiter_queues_again_when_it_wakes(cluster):
+    a, b = cluster()
+    a.call("get", pool="p", host="holder")
+    sleeper = Waiter(b, "sleeper")
+    queued(a, 1)
+    os.kill(b.proc.pid, signal.SIGSTOP)
+    try:
+        wait_until(lambda: a.status("p")["waiters"] == [], timeout=8, what="the paused server's lease to end")
+    finally:
+        os.kill(b.proc.pid, signal.SIGCONT)
+    queued(a, 1)  # its lease is gone: it takes a new one and queues its open /wait again
+    a.call("release", pool="p", host="holder")
+    assert sleeper.result().body == b"YES"
+
+
 def test_a_dead_servers_holders_keep_their_lease(cluster):
     a, b = cluster(pools=[{"name": "p", "expire": 2}])
     granted = time.monotonic()

@@ -196,8 +196,9 @@ BATCH = 32
 MAX_TXN_OPS = 128
 #: Conflicts before an operation gives up with ERROR.
 MAX_CONFLICTS = 40
-#: How long an operation keeps trying through failovers and elections.
-OP_DEADLINE = 8.0
+#: How long an operation keeps trying through failovers and elections (an
+#: election takes about a second with etcd's default timing) before ERROR.
+OP_DEADLINE = 5.0
 #: A pool key created afresh starts its tokens this far past the wall clock.
 TOKEN_FLOOR_MARGIN = 10.0
 #: The shortest lock-delay after a pool key was lost.
