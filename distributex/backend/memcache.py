@@ -137,7 +137,7 @@ from twisted.python.threadpool import ThreadPool
 
 from distributex.backend.base import LEFT, Backend, BackendUnavailable, Operation
 from distributex.config import DEFAULT_EXPIRE, Config, PoolSpec
-from distributex.pool import BLOCKED, RESET, Answer, Event, Hold, Pool, PoolState, Step, Ticket
+from distributex.pool import BLOCKED, LAPSED, RESET, Answer, Event, Hold, Pool, PoolState, Step, Ticket
 from distributex.token import TOKEN_RESOLUTION
 
 #: A server refreshes its presence keys (and reads every node's marker and
@@ -233,6 +233,9 @@ class _Node:
         # Serializes this server's view of the node across worker threads.
         self.lock = threading.RLock()
         self.incarnation: Optional[str] = None  # the marker this server last accepted
+        # Counts changes of ``incarnation``: a marker read before a change
+        # is stale, and is read again rather than taken for a loss.
+        self.version = 0
         self.seen: Set[str] = set()  # pools whose record it read under that marker
         self.settling: Dict[str, float] = {}  # settling marker -> when first seen
         self.samples: Deque[Tuple[float, float]] = deque(maxlen=CLOCK_SAMPLES)
@@ -447,6 +450,10 @@ class MemcacheBackend(Backend):
         # them out of the record, so each is delivered once, here.
         for ticket_id, answer in answers.items():
             local = self._tickets.get(ticket_id)
+            if answer.kind == LAPSED:
+                # Its grant ended before anyone was told: the connection
+                # still waits, and the poller queues it again (_requeue).
+                continue
             if local is not None:
                 token = None if answer.kind == RESET else answer.token  # a dropped waiter: NO
                 self._deliver(ticket_id, Event(answer.kind, name, local.host, "", token,
@@ -509,12 +516,13 @@ class MemcacheBackend(Backend):
         while True:
             try:
                 self._check_clock(node)
+                version = node.version
                 got = self._call(node.client.gets_many, [key, marker_key])
                 yield READ
                 now, wall = self.mono(), self.wall()
                 raw, cas = got.get(key, (None, None))
                 marker = _read_marker(got[marker_key][0] if marker_key in got else None)
-                incarnation, settling = self._sync(node, marker, raw is not None, now)
+                incarnation, settling = self._sync(node, version, marker, raw is not None, now)
                 if incarnation is None:
                     # The node's marker was just dealt with: read again.
                     attempts += 1
@@ -592,7 +600,9 @@ class MemcacheBackend(Backend):
         pruned = self._prune(node, pool, now)
         step = operation(pool, now)
         step.events[:0] = blocked + pruned
-        answers = pool.take_answers(self.server_id)
+        # Delivered now, so renewed from now; one whose hold has lapsed
+        # (this server was paused, or slow) comes back LAPSED: not delivered.
+        answers = pool.take_answers(self.server_id, now)
         if step.events or answers:
             dirty = True
         return record, (self._dump(name, record, now, wall) if dirty else None), step, answers
@@ -677,16 +687,17 @@ class MemcacheBackend(Backend):
                 first_seen: Callable[[tuple], float]) -> _Record:
         state = PoolState(last_token=int(data["tok"]))
         walls: Dict[tuple, float] = {}
-        for host, session, label, token, renewals, granted, lease, ticket, server in data["h"]:
+        for host, session, label, token, renewals, granted, lease, ticket, server, *rest in data["h"]:
             start = first_seen(("h", host, session, token, renewals))
             walls[("h", host, session, token)] = granted
             state.holders[(host, session)] = Hold(
                 host, label, token, min(now, now - (wall - granted)), None if lease is None else start + lease,
-                ticket, server, session, renewals)
-        for ticket_id, host, session, label, queued, server in data["q"]:
+                ticket, server, session, renewals, rest[0] if rest else "")
+        for ticket_id, host, session, label, queued, server, *rest in data["q"]:
             first_seen(("t", ticket_id))
             walls[("t", ticket_id)] = queued
-            state.queue[ticket_id] = Ticket(ticket_id, host, label, min(now, now - (wall - queued)), server, session)
+            state.queue[ticket_id] = Ticket(ticket_id, host, label, min(now, now - (wall - queued)), server, session,
+                                            rest[0] if rest else "")
         for ticket_id, (kind, token, server) in data["a"].items():
             first_seen(("a", ticket_id))
             state.answers[ticket_id] = Answer(kind, token, server)
@@ -711,13 +722,13 @@ class MemcacheBackend(Backend):
             start = obs[key] if key in obs else fresh.setdefault(key, now)
             granted = walls.get(("h", h.host, h.session, h.token), wall - (now - h.granted_at))
             holds.append([h.host, h.session, h.label, h.token, h.renewals, granted,
-                          None if h.expires_at is None else h.expires_at - start, h.ticket, h.server])
+                          None if h.expires_at is None else h.expires_at - start, h.ticket, h.server, h.origin])
         queue = []
         for t in state.queue.values():
             if ("t", t.id) not in obs:
                 fresh[("t", t.id)] = now
             queue.append([t.id, t.host, t.session, t.label, walls.get(("t", t.id), wall - (now - t.queued_at)),
-                          t.server])
+                          t.server, t.origin])
         for ticket_id in state.answers:
             if ("a", ticket_id) not in obs:
                 fresh[("a", ticket_id)] = now
@@ -734,7 +745,7 @@ class MemcacheBackend(Backend):
 
     # -- the node: its marker, its losses, its clock ----------------------------
 
-    def _sync(self, node: _Node, marker: Optional[Marker], has_record: bool, now: float,
+    def _sync(self, node: _Node, version: int, marker: Optional[Marker], has_record: bool, now: float,
               create: bool = True) -> Tuple[Optional[str], float]:
         """Check the node's marker against what this server remembers.
 
@@ -742,9 +753,12 @@ class MemcacheBackend(Backend):
         when the node settles (0 when it does not): nothing on it may be
         granted before. The incarnation is None when the marker was dealt
         with (a loss blocked, a marker created) and the caller must read
-        again.
+        again (also when ``version``, the node's when the marker was read, is
+        out of date: another thread has dealt with the node since).
         """
         with node.lock:
+            if node.version != version:
+                return None, 0.0
             known = node.incarnation
             if marker is None:
                 if known is not None or has_record:
@@ -766,6 +780,7 @@ class MemcacheBackend(Backend):
             return incarnation, 0.0
 
     def _adopt(self, node: _Node, incarnation: str) -> None:
+        node.version += 1
         node.incarnation = incarnation
         node.seen = set()
         node.settling = {k: v for k, v in node.settling.items() if k == incarnation}
@@ -944,8 +959,9 @@ class MemcacheBackend(Backend):
                 self._call(node.client.set, self._server_key(self.server_id), b"1",
                            expire=PRESENCE_TTL, noreply=False)
                 self._measure(node)
+                version = node.version
                 marker = _read_marker(self._call(node.client.get, self._marker_key))
-                self._sync(node, marker, False, self.mono(), create=False)
+                self._sync(node, version, marker, False, self.mono(), create=False)
             except BackendUnavailable as e:
                 self.log.error("memcached {node} heartbeat failed: {e}", node=node.address, e=e)
         now = self.mono()
