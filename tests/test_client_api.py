@@ -1,4 +1,6 @@
-"""The blocking Python API (Locker) against the real server."""
+"""The blocking Python API (Locker) against the real server: what only it
+has (a context manager, loss callbacks, a renewal thread). What both flavours
+share is in test_client_drivers.py."""
 
 from __future__ import annotations
 
@@ -11,21 +13,12 @@ from clientfixtures import (  # noqa: F401  (dx_server: the fixture dx)
     SHORT,
     assert_pool_free,
     dx_server,
-    held_by,
     hosts,
     release,
     steal,
 )
-from servers import free_port
 
-from distributex.client import (
-    InvalidRequest,
-    LockBusy,
-    Locker,
-    LockLost,
-    LockTimeout,
-    ServerUnreachable,
-)
+from distributex.client import InvalidRequest, Locker, LockLost
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -69,24 +62,10 @@ def test_a_waiter_gets_the_lock_when_the_holder_leaves(dx):
     assert_pool_free(dx, "api")
 
 
-def test_timeout_raises_lock_timeout(dx):
-    with held_by(dx, "api-busy"):
-        started = time.monotonic()
-        with pytest.raises(LockTimeout, match="timed out after 0.3 s"):
-            Locker(dx.url, host="me").lock("api-busy", timeout=0.3)
-        assert 0.3 <= time.monotonic() - started < 3
-        with pytest.raises(LockBusy):
-            Locker(dx.url, host="me").lock("api-busy", nowait=True)
-        assert hosts(dx, "api-busy", "waiters") == []
-    assert_pool_free(dx, "api-busy")
-
-
-def test_refused_and_unreachable(dx):
+def test_a_refused_request_says_why(dx):
     with pytest.raises(InvalidRequest) as refused:
         Locker(dx.url, host="me").lock("no-such-pool")
     assert (refused.value.status, refused.value.reason) == (404, "unknown pool 'no-such-pool'")
-    with pytest.raises(ServerUnreachable, match="Connection refused"):
-        Locker(f"http://127.0.0.1:{free_port()}", host="me").lock("api", timeout=0.5)
 
 
 def test_a_lock_lost_inside_the_block_is_detected(dx):
@@ -116,17 +95,19 @@ def test_loss_callbacks_run_once_lost(dx):
     assert_pool_free(dx, "api-lost")
 
 
-def test_the_lease_is_renewed_while_the_block_runs(dx):
-    with Locker(dx.url, host="slow").lock("api-renew") as held:
-        time.sleep(2 * SHORT)  # two leases: without renewals it would expire
-        assert not held.lost.is_set()
-        [holder] = dx.status("api-renew")["holders"]
-        assert (holder["host"], holder["token"]) == ("slow", held.token)
-    assert_pool_free(dx, "api-renew")
-
-
 def test_a_lease_that_never_expires_is_not_renewed(dx):
     with Locker(dx.url, host="steady").lock("forever") as held:
         assert held.expire == 0
         assert [t for t in threading.enumerate() if "renewal" in t.name] == []
     assert_pool_free(dx, "forever")
+
+
+def test_release_all_releases_every_lock_not_released_yet(dx):
+    locker = Locker(dx.url, host="many")
+    first, second = locker.lock("api"), locker.lock("api-busy")
+    second.release()
+    locker.release_all()
+    assert first.released and not first.lost.is_set()
+    assert_pool_free(dx, "api")
+    assert_pool_free(dx, "api-busy")
+    locker.release_all()  # nothing left: nothing sent

@@ -7,9 +7,14 @@ that the pool is free again and, with -l, that the local lock is unlocked.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import socket
 import subprocess
+import sys
+import tempfile
 import time
+from typing import Any, Dict, Optional
 
 import pytest
 from clientfixtures import (  # noqa: F401  (the fixtures dx and lock_dir)
@@ -32,7 +37,9 @@ from clientfixtures import (  # noqa: F401  (the fixtures dx and lock_dir)
     wait_all,
     wait_until,
 )
-from servers import free_port
+from servers import ROOT, free_port
+
+from distributex.client import locallock
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -59,6 +66,31 @@ def test_ten_concurrent_commands_never_overlap(dx, lock_dir, tmp_path):
     assert wait_all(clients) == [0] * 10
     assert_no_overlap(markers(log), 10)
     assert_pool_free(dx, "burst")
+
+
+def test_two_runs_with_the_default_identity_exclude_each_other(dx, tmp_path):
+    ready, go, ran = tmp_path / "ready", tmp_path / "go", tmp_path / "ran"
+    # No --id: both send this host's FQDN, as two cron jobs of one host do.
+    first = start_client(dx, "-r", "sessions",
+                         f"touch {ready}; while [ ! -e {go} ]; do sleep 0.02; done")
+    second = None
+    try:
+        wait_until(ready.exists, what="the first run")
+        second = start_client(dx, "-r", "sessions", f"touch {ran}")
+        wait_until(lambda: ran.exists() or hosts(dx, "sessions", "waiters"),
+                   what="the second run queued or running")
+        assert not ran.exists(), "the second run ran inside the first"
+        [holder], [waiter] = (dx.status("sessions")[which] for which in ("holders", "waiters"))
+        assert holder["host"] == waiter["host"] == socket.getfqdn()
+        assert holder["session"] != waiter["session"]
+        go.touch()
+        assert wait_all([first, second]) == [0, 0]
+        assert ran.exists()
+    finally:
+        stop(first)
+        if second is not None:
+            stop(second)
+    assert_pool_free(dx, "sessions")
 
 
 def test_grants_follow_the_order_of_requests(dx, tmp_path):
@@ -104,15 +136,15 @@ def test_an_argv_after_double_dash_runs_without_a_shell(dx):
     assert_pool_free(dx, "exits")
 
 
-def test_the_command_sees_pool_host_and_fencing_token(dx, tmp_path):
+def test_the_command_sees_pool_holder_and_fencing_token(dx, tmp_path):
     out, go = tmp_path / "env", tmp_path / "go"
     client = start_client(dx, "-r", "env", "--id", "fenced", "--label", "nightly",
-                          f'echo "$DISTRIBUTEX_POOL $DISTRIBUTEX_HOST $DISTRIBUTEX_TOKEN" > {out};'
-                          f' while [ ! -e {go} ]; do sleep 0.02; done')
+                          f'echo "$DISTRIBUTEX_POOL $DISTRIBUTEX_HOST $DISTRIBUTEX_SESSION'
+                          f' $DISTRIBUTEX_TOKEN" > {out}; while [ ! -e {go} ]; do sleep 0.02; done')
     try:
         wait_until(lambda: read(out), what="the command's environment")
         [holder] = dx.status("env")["holders"]
-        assert read(out).split() == ["env", "fenced", str(holder["token"])]
+        assert read(out).split() == ["env", "fenced", holder["session"], str(holder["token"])]
         assert (holder["host"], holder["label"]) == ("fenced", "nightly")
         go.touch()
         assert client.wait(10) == 0
@@ -283,6 +315,44 @@ def test_a_server_that_stopped_means_the_lock_is_lost_after_a_lease(tmp_path, lo
 
 # -- signals ------------------------------------------------------------------
 
+# The wrapper, with SIGTERM delivered to itself at one moment of the hand-over
+# from the server's grant to the wrapper's held lock.
+SIGNALLED_CLIENT = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+from distributex.client import locker, plans
+
+def after(function):
+    def signalled(*args, **kwargs):
+        result = function(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)  # its handler runs before os.kill returns
+        return result
+    return signalled
+
+moment = {moment!r}
+if moment == "granted":     # the plan has the YES; the driver has not returned it
+    plans.grant_of = after(plans.grant_of)
+elif moment == "built":     # the held lock is built and renewing; acquire() is still on
+    locker.HeldLock.__init__ = after(locker.HeldLock.__init__)
+elif moment == "returned":  # acquire() returned the held lock; the wrapper has not kept it
+    locker.Locker.acquire = after(locker.Locker.acquire)
+
+from distributex.client.cli import main
+main(sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize("moment", ["granted", "built", "returned"])
+def test_a_signal_between_the_grant_and_the_held_lock_releases_the_hold(dx, tmp_path, moment):
+    ran = tmp_path / "ran"
+    result = subprocess.run(
+        [sys.executable, "-c", SIGNALLED_CLIENT.format(root=ROOT, moment=moment),
+         "-H", "127.0.0.1", "-p", str(dx.port), "-r", "interrupted", f"touch {ran}"],
+        capture_output=True, text=True, timeout=30)
+    assert result.returncode == 128 + signal.SIGTERM, result.stderr
+    assert not ran.exists()
+    assert_pool_free(dx, "interrupted")  # released before the wrapper exited
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
 def test_signals_are_passed_to_the_command_and_the_client_waits_for_it(
         dx, lock_dir, tmp_path, signum):
@@ -342,6 +412,68 @@ def test_the_local_lock_keeps_two_runs_on_one_host_apart(dx, lock_dir, tmp_path)
         stop(first)
     assert_pool_free(dx, "local")
     assert_unlocked(lock_dir, "local")
+
+
+OTHER_UID = 65534  # nobody
+
+
+def _python_for(uid: int) -> Optional[str]:
+    """An interpreter that ``uid`` can run the checkout's client with, if any."""
+    for python in (sys.executable, "/usr/bin/python3"):
+        try:
+            probe = subprocess.run(
+                [python, "-c", f"import sys; sys.path.insert(0, {ROOT!r}); "
+                               "import distributex.client.cli"],
+                user=uid, group=uid, extra_groups=[], capture_output=True, timeout=30)
+        except OSError:
+            continue
+        if probe.returncode == 0:
+            return python
+    return None
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="runs the client as two users: needs root")
+@pytest.mark.parametrize("first_uid, second_uid", [(0, OTHER_UID), (OTHER_UID, 0)],
+                         ids=["root-then-nobody", "nobody-then-root"])
+def test_the_local_lock_keeps_runs_of_two_users_apart(monkeypatch, first_uid, second_uid):
+    python = _python_for(OTHER_UID)
+    if python is None:
+        pytest.skip(f"uid {OTHER_UID} can run no Python with the checkout {ROOT}")
+    # The default directory, the one every user finds by himself: no
+    # DISTRIBUTEX_LOCK_DIR. Made here first, so that root owns it.
+    monkeypatch.delenv(locallock.LOCK_DIR_ENV, raising=False)
+    pool = f"two-users-{os.getpid()}-{first_uid}"
+    lock_file = locallock.lock_path(pool)
+    shared = tempfile.mkdtemp(prefix="dx-users-")  # where both users may write
+    os.chmod(shared, 0o777)
+    ready, go, ran = (os.path.join(shared, name) for name in ("ready", "go", "ran"))
+
+    def client(uid: int, *args: str, **popen: Any) -> Dict[str, Any]:
+        ids = {} if uid == 0 else {"user": uid, "group": uid, "extra_groups": []}
+        return dict(args=[python, os.path.join(ROOT, "client", "distributex"), *args],
+                    env={k: v for k, v in os.environ.items() if k != locallock.LOCK_DIR_ENV},
+                    cwd=shared, text=True, **ids, **popen)
+
+    first = subprocess.Popen(**client(first_uid, "-l", "-r", pool,
+                                      f"touch {ready}; while [ ! -e {go} ]; do sleep 0.02; done",
+                                      stderr=subprocess.PIPE))
+    try:
+        wait_until(lambda: os.path.exists(ready), what="the first user's run")
+        busy = subprocess.run(**client(second_uid, "-l", "-n", "-r", pool, f"touch {ran}",
+                                       capture_output=True, timeout=30))
+        assert (busy.returncode, busy.stderr) == (1, ""), "not skipped as busy"
+        assert not os.path.exists(ran)
+        open(go, "w").close()
+        assert first.wait(10) == 0, first.stderr.read()
+        free = subprocess.run(**client(second_uid, "-l", "-n", "-r", pool, f"touch {ran}",
+                                       capture_output=True, timeout=30))
+        assert (free.returncode, free.stderr) == (0, "")
+        assert os.path.exists(ran)
+    finally:
+        stop(first)
+        shutil.rmtree(shared)
+        if os.path.exists(lock_file):
+            os.unlink(lock_file)
 
 
 def test_the_local_lock_file_is_kept_not_deleted(lock_dir):

@@ -1,130 +1,123 @@
-"""The Twisted flavour (TxLocker) against the real server, on the reactor."""
+"""The Twisted flavour (TxLocker) against the real server: what only it has
+(cancellation, run_locked, its clock). What both flavours share is in
+test_client_drivers.py.
+
+The reactor runs in the test's thread while a test waits for it (wait_for,
+spin_until in clientfixtures).
+"""
 
 from __future__ import annotations
 
 import tempfile
-from typing import Any, Generator
+from typing import Any, Iterator
 
-from clientfixtures import SHORT, assert_pool_free, held_by, hosts, release, start_dx, steal
-from servers import free_port
+import pytest
+from clientfixtures import (  # noqa: F401  (relay_fixture: the fixture relay)
+    LONG,
+    SHORT,
+    assert_pool_free,
+    held_by,
+    hosts,
+    relay_fixture,
+    release,
+    spin_until,
+    start_dx,
+    steal,
+    wait_for,
+)
+from servers import DistributexServer
 from twisted.internet import reactor, task
-from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks
-from twisted.trial import unittest
+from twisted.internet.defer import CancelledError, Deferred
 
-from distributex.client.errors import LockBusy, LockLost, LockTimeout, ServerUnreachable
+from distributex.client.errors import LockLost
 from distributex.client.txlocker import TxLocker
 
+pytestmark = pytest.mark.timeout(30)
 
-class TxLockerTests(unittest.TestCase):
-    timeout = 20
-    server: Any = None
 
-    @classmethod
-    def setUpClass(cls) -> None:
-        cls.server = start_dx(tempfile.mkdtemp(prefix="dx-tx-"))
+@pytest.fixture(scope="module", name="dx")
+def dx_server() -> Iterator[DistributexServer]:
+    pools = ([{"name": name, "expire": LONG} for name in ("tx", "tx-busy")]
+             + [{"name": name, "expire": SHORT} for name in ("tx-run", "tx-clock", "tx-step")])
+    server = start_dx(tempfile.mkdtemp(prefix="dx-tx-"), pools)
+    yield server
+    server.kill()
 
-    @classmethod
-    def tearDownClass(cls) -> None:
-        cls.server.kill()
 
-    def locker(self, host: str) -> TxLocker:
-        return TxLocker(self.server.url, reactor, host=host)
+def pause(seconds: float) -> None:
+    wait_for(task.deferLater(reactor, seconds, lambda: None))
 
-    @inlineCallbacks
-    def test_acquire_and_release(self) -> Generator[Deferred[Any], Any, None]:
-        held = yield self.locker("tx1").acquire("tx", label="twisted")
-        [holder] = self.server.status("tx")["holders"]
-        self.assertEqual((holder["host"], holder["label"], holder["token"]),
-                         ("tx1", "twisted", held.token))
-        yield held.release()
-        yield held.release()  # a second time does nothing
-        assert_pool_free(self.server, "tx")
 
-    @inlineCallbacks
-    def test_timeout_and_nowait(self) -> Generator[Deferred[Any], Any, None]:
-        with held_by(self.server, "tx-busy"):
-            started = reactor.seconds()
-            yield self.assertFailure(self.locker("me").acquire("tx-busy", timeout=0.3),
-                                     LockTimeout)
-            self.assertGreaterEqual(reactor.seconds() - started, 0.3)
-            yield self.assertFailure(self.locker("me").acquire("tx-busy", nowait=True),
-                                     LockBusy)
-            self.assertEqual(hosts(self.server, "tx-busy", "waiters"), [])
-        assert_pool_free(self.server, "tx-busy")
+def test_cancelling_a_wait_leaves_the_queue(dx):
+    with held_by(dx, "tx-busy"):
+        waiting = TxLocker(dx.url, reactor, host="patient").acquire("tx-busy")
+        spin_until(lambda: hosts(dx, "tx-busy", "waiters") == ["patient"], what="queued")
+        waiting.cancel()
+        with pytest.raises(CancelledError):
+            wait_for(waiting)
+        spin_until(lambda: hosts(dx, "tx-busy", "waiters") == [], what="the queue left")
+    assert_pool_free(dx, "tx-busy")
 
-    @inlineCallbacks
-    def test_cancelling_a_wait_leaves_the_queue(self) -> Generator[Deferred[Any], Any, None]:
-        with held_by(self.server, "tx-busy"):
-            waiting = self.locker("patient").acquire("tx-busy")
-            yield task.deferLater(reactor, 0.3, lambda: None)
-            self.assertEqual(hosts(self.server, "tx-busy", "waiters"), ["patient"])
-            waiting.cancel()
-            yield self.assertFailure(waiting, CancelledError)
-            yield task.deferLater(reactor, 0.3, lambda: None)
-            self.assertEqual(hosts(self.server, "tx-busy", "waiters"), [])
-        assert_pool_free(self.server, "tx-busy")
 
-    def test_unreachable(self) -> Deferred[Any]:
-        locker = TxLocker(f"http://127.0.0.1:{free_port()}", reactor, host="me")
-        return self.assertFailure(locker.acquire("tx", timeout=0.5), ServerUnreachable)
+def test_run_locked_returns_the_result(dx):
+    tokens = []
 
-    @inlineCallbacks
-    def test_a_lost_lock_fires_when_lost(self) -> Generator[Deferred[Any], Any, None]:
-        held = yield self.locker("victim").acquire("tx-lost")
-        steal(self.server, "tx-lost", "victim")
-        reason = yield held.when_lost()
-        self.assertIn("answered NO", reason)
-        self.assertTrue(held.lost)
-        self.assertRaises(LockLost, held.check)
-        yield held.release()
-        self.assertEqual(hosts(self.server, "tx-lost"), ["thief"])
-        release(self.server, "tx-lost", "thief")
-        assert_pool_free(self.server, "tx-lost")
+    def work(held: Any) -> Deferred[str]:
+        tokens.append(held.token)
+        return task.deferLater(reactor, 0.1, lambda: "done")
 
-    @inlineCallbacks
-    def test_the_lease_is_renewed(self) -> Generator[Deferred[Any], Any, None]:
-        held = yield self.locker("slow").acquire("tx-run")
-        yield task.deferLater(reactor, 2 * SHORT, lambda: None)
-        self.assertFalse(held.lost)
-        self.assertEqual(hosts(self.server, "tx-run"), ["slow"])
-        yield held.release()
-        assert_pool_free(self.server, "tx-run")
+    assert wait_for(TxLocker(dx.url, reactor, host="worker").run_locked("tx", work)) == "done"
+    assert len(tokens) == 1
+    assert_pool_free(dx, "tx")
 
-    @inlineCallbacks
-    def test_run_locked_returns_the_result(self) -> Generator[Deferred[Any], Any, None]:
-        tokens = []
 
-        def work(held: Any) -> Deferred[str]:
-            tokens.append(held.token)
-            return task.deferLater(reactor, 0.1, lambda: "done")
+def test_run_locked_cancels_work_when_the_lock_is_lost(dx):
+    cancelled = []
 
-        result = yield self.locker("worker").run_locked("tx", work)
-        self.assertEqual(result, "done")
-        self.assertEqual(len(tokens), 1)
-        assert_pool_free(self.server, "tx")
+    def work(held: Any) -> Deferred[None]:
+        steal(dx, "tx-run", "victim")
+        return Deferred(cancelled.append)  # would never end by itself
 
-    @inlineCallbacks
-    def test_run_locked_cancels_work_when_the_lock_is_lost(
-            self) -> Generator[Deferred[Any], Any, None]:
-        cancelled = []
+    with pytest.raises(LockLost, match="answered NO"):
+        wait_for(TxLocker(dx.url, reactor, host="victim").run_locked("tx-run", work))
+    assert len(cancelled) == 1
+    assert hosts(dx, "tx-run") == ["thief"]
+    release(dx, "tx-run", "thief")
+    assert_pool_free(dx, "tx-run")
 
-        def work(held: Any) -> Deferred[None]:
-            steal(self.server, "tx-run", "victim")
-            return Deferred(cancelled.append)  # would never end by itself
 
-        failure = yield self.assertFailure(self.locker("victim").run_locked("tx-run", work),
-                                           LockLost)
-        self.assertIn("answered NO", str(failure))
-        self.assertEqual(len(cancelled), 1)
-        self.assertEqual(hosts(self.server, "tx-run"), ["thief"])
-        release(self.server, "tx-run", "thief")
-        assert_pool_free(self.server, "tx-run")
+def test_run_locked_releases_when_the_work_fails(dx):
+    def work(held: Any) -> None:
+        raise ValueError("broken")
 
-    @inlineCallbacks
-    def test_run_locked_releases_when_the_work_fails(
-            self) -> Generator[Deferred[Any], Any, None]:
-        def work(held: Any) -> None:
-            raise ValueError("broken")
+    with pytest.raises(ValueError):
+        wait_for(TxLocker(dx.url, reactor, host="worker").run_locked("tx", work))
+    assert_pool_free(dx, "tx")
 
-        yield self.assertFailure(self.locker("worker").run_locked("tx", work), ValueError)
-        assert_pool_free(self.server, "tx")
+
+def test_the_plans_count_time_by_the_clock_given(dx, relay):
+    clock = task.Clock()
+    held = wait_for(TxLocker(relay.url, reactor, host="h", clock=clock.seconds)
+                    .acquire("tx-clock"))
+    clock.advance(SHORT)  # a whole lease by that clock; next to nothing by the reactor's
+    reason = wait_for(held.when_lost())
+    assert "no renewal succeeded for a whole lease" in reason
+    assert relay.paths() == ["/wait/"]  # by its clock the lease was over: no renewal tried
+    wait_for(held.release())
+    assert_pool_free(dx, "tx-clock")
+
+
+def test_a_step_of_the_reactors_wall_clock_does_not_end_a_lease(dx, relay):
+    real_seconds = reactor.seconds
+    step = [0.0]
+    # reactor.seconds is the wall clock: NTP or an administrator may step it.
+    reactor.seconds = lambda: real_seconds() + step[0]  # type: ignore[method-assign]
+    try:
+        held = wait_for(TxLocker(relay.url, reactor, host="h").acquire("tx-step"))
+        step[0] = 3600.0
+        spin_until(lambda: relay.paths().count("/get/") >= 2 or held.lost, what="renewals")
+        assert not held.lost
+        wait_for(held.release())
+    finally:
+        del reactor.seconds
+    assert_pool_free(dx, "tx-step")

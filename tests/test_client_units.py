@@ -6,12 +6,13 @@ from __future__ import annotations
 import fcntl
 import os
 import socket
+import stat
 import threading
-from typing import Callable, List, Optional, Tuple
+from typing import Any, Callable, Generator, List, Optional, Tuple
 
 import pytest
+from clientfixtures import wait_for
 from twisted.internet import reactor
-from twisted.trial import unittest as trial
 
 from distributex.client import cli, locallock
 from distributex.client.address import parse_server
@@ -25,8 +26,10 @@ from distributex.client.errors import (
 )
 from distributex.client.plans import (
     UNREACHABLE_PATIENCE,
+    Sleep,
     acquire_plan,
     drive,
+    release_plan,
     renewal_plan,
     run_blocking,
 )
@@ -193,6 +196,26 @@ def test_an_invalid_request_is_not_retried() -> None:
     assert len(server.requests) == 1
 
 
+def test_one_session_names_the_holder_in_every_request() -> None:
+    server = FakeServer(lambda request, now: yes(7) if request.path != "/release/"
+                        else Answer(200, b"OK", {}))
+    server.run(acquire_plan("p", "h", clock=server.clock, session="s1"))
+    server.run(acquire_plan("p", "h", clock=server.clock, nowait=True, session="s1"))
+    plan = renewal_plan("p", "h", Grant(7, 3.0, 0.0), clock=server.clock, session="s1")
+    server.run(_first_steps(plan, 2))
+    server.run(release_plan("p", "h", "s1"))
+    assert [r.path for _, r in server.requests] == ["/wait/", "/get/", "/get/", "/release/"]
+    assert all((r.params["host"], r.params["session"]) == ("h", "s1")
+               for _, r in server.requests)
+
+
+def _first_steps(plan: Generator[Any, Any, Any], count: int) -> Generator[Any, Any, None]:
+    """The first ``count`` steps of ``plan``, answered as the plan is."""
+    answer = None
+    for _ in range(count):
+        answer = yield plan.send(answer)
+
+
 def renew(respond: Callable[[Request, float], Answer],
           expire: float = 3.0) -> Tuple[FakeServer, object]:
     server = FakeServer(respond)
@@ -222,6 +245,61 @@ def test_without_a_successful_renewal_for_a_whole_lease_the_lock_is_lost() -> No
     assert server.now == pytest.approx(2 + 3)  # the last success, plus a lease
     assert "no renewal succeeded" in str(reason) and "Connection refused" in str(reason)
     assert len(server.times()) > 4  # retried sooner than every third
+
+
+@pytest.mark.parametrize("failure", [
+    ProtocolError("not an HTTP answer: 'hello'"),   # raised by the sending itself
+    ServerError("server error (HTTP 503)"),
+    ServerUnreachable("cannot reach it"),
+], ids=["garbage", "error", "unreachable"])
+def test_every_failure_of_a_renewal_request_is_retried_until_a_lease_passes(
+        failure: Exception) -> None:
+    def respond(request: Request, now: float) -> Answer:
+        raise failure
+
+    server, reason = renew(respond)
+    assert "no renewal succeeded for a whole lease" in str(reason)
+    assert str(failure) in str(reason)
+    assert server.now == pytest.approx(3) and len(server.requests) > 2
+
+
+def test_an_unexpected_failure_of_a_request_ends_the_driver_with_it() -> None:
+    def respond(request: Request, now: float) -> Answer:
+        raise RuntimeError("a bug")
+
+    with pytest.raises(RuntimeError, match="a bug"):
+        renew(respond)
+
+
+def test_once_stopped_the_driver_sends_nothing_more_and_ends_with_none() -> None:
+    stop = threading.Event()
+
+    def respond(request: Request, now: float) -> Answer:
+        stop.set()  # the stop is asked while this renewal is on its way
+        return yes(7)
+
+    server = FakeServer(respond)
+    plan = renewal_plan("p", "h", Grant(7, 3.0, 0.0), clock=server.clock)
+    assert run_blocking(drive(plan, server.send, server.sleep, stop.is_set)) is None
+    assert server.times() == [1]  # the renewal on its way, and nothing after it
+    assert plan.gi_frame is None  # closed
+
+
+def test_a_stop_during_a_pause_ends_the_pause() -> None:
+    stop = threading.Event()
+    pauses: List[float] = []
+
+    def sleep(seconds: float) -> None:
+        pauses.append(seconds)
+        stop.set()  # the release comes while the driver sleeps
+
+    def plan() -> Generator[Any, Any, str]:
+        yield Sleep(100)
+        yield Request("/get/", {}, 1.0)
+        return "never here"
+
+    assert run_blocking(drive(plan(), refuse, sleep, stop.is_set)) is None
+    assert pauses == [100]
 
 
 def test_a_failed_renewal_then_a_success_keeps_the_lock() -> None:
@@ -273,17 +351,11 @@ def test_a_server_that_does_not_answer_is_unreachable(black_hole: socket.socket)
         fetch(address, Request("/get/", {"pool": "p", "host": "h"}, 0.2))
 
 
-class TxFetchTests(trial.TestCase):
-    timeout = 10
-
-    def test_a_server_that_does_not_answer_is_unreachable(self) -> object:
-        listener = socket.socket()
-        self.addCleanup(listener.close)
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(8)
-        locker = TxLocker(f"http://127.0.0.1:{listener.getsockname()[1]}", reactor)
-        answering = locker.fetch(Request("/get/", {"pool": "p", "host": "h"}, 0.2))
-        return self.assertFailure(answering, ServerUnreachable)
+def test_a_server_that_does_not_answer_the_twisted_flavour_is_unreachable(
+        black_hole: socket.socket) -> None:
+    locker = TxLocker(f"http://127.0.0.1:{black_hole.getsockname()[1]}", reactor)
+    with pytest.raises(ServerUnreachable, match="no answer"):
+        wait_for(locker.fetch(Request("/get/", {"pool": "p", "host": "h"}, 0.2)))
 
 
 # -- the local lock ------------------------------------------------------------------
@@ -301,17 +373,94 @@ def test_local_locks_exclude_each_other(tmp_path: object, monkeypatch: pytest.Mo
         locallock.LocalLock("a/b:c", timeout=5).release()
 
 
-def test_a_shared_tmp_directory_must_be_ours(tmp_path: object,
-                                             monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def shared_parent(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """A world-writable sticky directory, like /run/lock, where the shared
+    lock directory is made when DISTRIBUTEX_LOCK_DIR is not set."""
+    parent = tmp_path / "run-lock"
+    parent.mkdir()
+    parent.chmod(0o1777)
     monkeypatch.delenv(locallock.LOCK_DIR_ENV, raising=False)
-    monkeypatch.setattr(os, "geteuid", lambda: 1000)  # not root: the per-user tmp dir
-    monkeypatch.setenv("TMPDIR", str(tmp_path))
-    path = locallock.lock_dir()
-    assert path == os.path.join(str(tmp_path), f"distributex-{os.getuid()}")
-    assert os.stat(path).st_mode & 0o777 == 0o700
-    os.chmod(path, 0o777)
-    with pytest.raises(PermissionError):
+    monkeypatch.setattr(locallock, "SHARED_PARENTS", (str(parent), "/nonexistent"))
+    return parent
+
+
+def test_the_shared_directory_is_world_writable_and_sticky_whatever_the_umask(
+        shared_parent: Any) -> None:
+    old = os.umask(0o077)
+    try:
+        path = locallock.lock_dir()
+    finally:
+        os.umask(old)
+    assert path == str(shared_parent / "distributex")
+    assert stat.S_IMODE(os.lstat(path).st_mode) == 0o1777
+
+
+def test_the_shared_directory_is_the_same_for_every_user(
+        shared_parent: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    first = locallock.lock_dir()
+    monkeypatch.setattr(os, "geteuid", lambda: 65534)
+    monkeypatch.setattr(os, "getuid", lambda: 65534)
+    assert locallock.lock_dir() == first
+
+
+def test_without_a_sticky_world_writable_parent_the_next_one_is_used(
+        tmp_path: Any, shared_parent: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    private = tmp_path / "private"
+    private.mkdir(mode=0o755)  # as /run/lock is on some systems: root's alone
+    monkeypatch.setattr(locallock, "SHARED_PARENTS", (str(private), str(shared_parent)))
+    assert locallock.lock_dir() == str(shared_parent / "distributex")
+    assert not (private / "distributex").exists()
+
+
+def test_a_symlink_in_place_of_the_shared_directory_is_refused(
+        tmp_path: Any, shared_parent: Any) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (shared_parent / "distributex").symlink_to(elsewhere)
+    with pytest.raises(PermissionError, match="not a directory"):
         locallock.lock_dir()
+
+
+def test_a_shared_directory_anybody_may_empty_is_refused(shared_parent: Any) -> None:
+    (shared_parent / "distributex").mkdir()
+    (shared_parent / "distributex").chmod(0o777)  # no sticky bit
+    with pytest.raises(PermissionError, match="sticky"):
+        locallock.lock_dir()
+
+
+def test_lock_files_are_readable_by_everyone_whatever_the_umask(shared_parent: Any) -> None:
+    old = os.umask(0o077)
+    try:
+        with locallock.LocalLock("p") as held:
+            assert stat.S_IMODE(os.stat(held.path).st_mode) == 0o644
+    finally:
+        os.umask(old)
+
+
+def test_a_lock_file_readable_only_is_locked_all_the_same(shared_parent: Any) -> None:
+    path = locallock.lock_path("p")
+    with open(path, "w"):
+        pass
+    os.chmod(path, 0o444)  # as another user's file is to us
+    with locallock.LocalLock("p", nowait=True):
+        with pytest.raises(LockBusy):
+            locallock.LocalLock("p", nowait=True)
+
+
+def test_a_symlink_in_place_of_a_lock_file_is_refused(
+        tmp_path: Any, shared_parent: Any) -> None:
+    target = tmp_path / "target"
+    target.write_text("")
+    os.symlink(target, locallock.lock_path("p"))
+    with pytest.raises(OSError):
+        locallock.LocalLock("p", nowait=True)
+
+
+def test_a_fifo_in_place_of_a_lock_file_is_refused_without_hanging(shared_parent: Any) -> None:
+    os.mkfifo(locallock.lock_path("p"))
+    with pytest.raises(OSError, match="not a regular file"):
+        locallock.LocalLock("p", nowait=True)
 
 
 def test_a_lock_file_of_a_dead_process_is_free(tmp_path: object,

@@ -12,7 +12,7 @@ import sys
 import time
 
 from distributex import __version__
-from distributex.client.address import DEFAULT_PORT, ServerAddress, parse_server
+from distributex.client.address import DEFAULT_PORT, parse_server
 from distributex.client.errors import DistributexError, LockBusy, LockTimeout
 from distributex.client.supervise import DEFAULT_KILL_GRACE, Interrupted, Supervisor
 
@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from typing import NoReturn
 
     from distributex.client.locallock import LocalLock
-    from distributex.client.locker import HeldLock
+    from distributex.client.locker import HeldLock, Locker
 
 # compat: the 2014 client exited 1 whenever it did not run the command.
 DEFAULT_CONFLICT_EXIT = 1
@@ -41,9 +41,11 @@ SIGTERM, then SIGKILL after the grace period.
 
 EPILOG = f"""\
 The command runs through /bin/sh -c (or as ARGV after --) in its own process
-group, with DISTRIBUTEX_POOL, DISTRIBUTEX_HOST and DISTRIBUTEX_TOKEN (the
-fencing token of the grant) in its environment. SIGINT, SIGTERM and SIGHUP
-are passed on to it.
+group, with DISTRIBUTEX_POOL, DISTRIBUTEX_HOST, DISTRIBUTEX_SESSION (the
+random session of this run: the holder is the host and the session, so two
+runs on one host exclude each other) and DISTRIBUTEX_TOKEN (the fencing token
+of the grant) in its environment. SIGINT, SIGTERM and SIGHUP are passed on
+to it.
 
 exit status:
   the command's own, 128+N when signal N ended it;
@@ -70,6 +72,7 @@ def run(argv: list[str]) -> int:
     supervisor = Supervisor(grace=options.grace)
     supervisor.install_signal_handlers()
     local: LocalLock | None = None
+    locker: Locker | None = None
     held: HeldLock | None = None
     try:
         if options.local:
@@ -78,8 +81,12 @@ def run(argv: list[str]) -> int:
             local = LocalLock(options.pool, timeout=options.timeout, nowait=options.nowait)
         env = dict(os.environ, DISTRIBUTEX_POOL=options.pool)
         if options.address is not None:
-            held = _lock_server(options, options.address)
-            env.update(DISTRIBUTEX_HOST=held.host, DISTRIBUTEX_TOKEN=str(held.token))
+            from distributex.client.locker import Locker
+
+            locker = Locker(options.address.url, host=options.id)
+            held = _lock_server(options, locker)
+            env.update(DISTRIBUTEX_HOST=held.host, DISTRIBUTEX_SESSION=held.session,
+                       DISTRIBUTEX_TOKEN=str(held.token))
         return _run_command(options, supervisor, env, held)
     except LockBusy:
         return options.conflict_exit  # -n found it busy: skip this round quietly
@@ -95,20 +102,22 @@ def run(argv: list[str]) -> int:
         supervisor.hold_signals()
         if held is not None:
             _release(held)
+        if locker is not None:
+            # A signal between the grant and `held = ...` above left a lock
+            # that only the locker knows of: it must not outlive this run.
+            locker.release_all()
         if local is not None:
             local.release()
 
 
-def _lock_server(options: argparse.Namespace, address: ServerAddress) -> HeldLock:
-    from distributex.client.locker import Locker
-
+def _lock_server(options: argparse.Namespace, locker: Locker) -> HeldLock:
     timeout = options.timeout
     if timeout is not None and options.local:
         # The local lock, taken first, has used part of the time.
         timeout = max(0.0, options.deadline - time.monotonic())
     try:
-        return Locker(address.url, host=options.id).acquire(
-            options.pool, label=options.label, timeout=timeout, nowait=options.nowait)
+        return locker.acquire(options.pool, label=options.label, timeout=timeout,
+                              nowait=options.nowait)
     except LockTimeout:
         # Say the -t the user gave, not what the local lock left of it.
         raise LockTimeout(f"timed out after {options.timeout:g} s waiting for pool "
@@ -161,8 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("-p", "--port", type=_port, metavar="PORT",
         help=f"the server's port (default {DEFAULT_PORT})")
     add("-l", "--local", action="store_true",
-        help="also take a local lock (flock on a per-pool file), so that two runs "
-             "on this host never overlap")
+        help="also take a local lock (flock on a per-pool file shared by every "
+             "user), so that two runs on this host never overlap, whoever runs them")
     add("-t", "--timeout", type=_seconds, metavar="SECONDS",
         help="give up waiting for the lock after this long")
     add("-n", "--nowait", action="store_true",

@@ -10,21 +10,29 @@ if TYPE_CHECKING:
 
 
 class Held:
-    """A lock held on ``pool`` by ``host``.
+    """A lock held on ``pool`` by the holder (``host``, ``session``).
 
-    ``token`` is the fencing token of the grant, ``expire`` its lease in
-    seconds (0: it never expires and is not renewed), and ``lost_reason``
-    says why the lock was lost, or is None while it is not.
+    ``session`` is the random session of this acquisition, ``token`` the
+    fencing token of the grant, ``expire`` its lease in seconds (0: it never
+    expires and is not renewed), and ``lost_reason`` says why the lock was
+    lost, or is None while it is not.
     """
 
-    def __init__(self, pool: str, host: str, label: str | None, grant: Grant) -> None:
+    def __init__(self, pool: str, host: str, session: str, label: str | None,
+                 grant: Grant) -> None:
         self.pool = pool
         self.host = host
+        self.session = session
         self.label = label
         self.token = grant.token
         self.expire = grant.expire
         self.lost_reason: str | None = None
         self._released = False
+
+    @property
+    def released(self) -> bool:
+        """Whether ``release()`` has been called (it may still be under way)."""
+        return self._released
 
     def check(self) -> None:
         """Raise :class:`~.errors.LockLost` if the lock has been lost."""

@@ -5,19 +5,29 @@ dies, however it dies: unlike the 2014 PID file it can never go stale, and
 the file is never deleted (deleting a lock file lets two processes lock two
 different files of the same name).
 
-Where the files live, first that applies:
+The files are shared by every user of the host, since ``-l`` promises that
+two runs on this host never overlap, whoever runs them (root's cron job and
+a user's). They live, first that applies, in:
 
-1. ``$DISTRIBUTEX_LOCK_DIR``, when set;
-2. ``/run/distributex`` for root (when ``/run`` is writable);
-3. ``$TMPDIR/distributex-UID`` (``/tmp/distributex-UID``), one per user.
+1. ``$DISTRIBUTEX_LOCK_DIR``, when set (created if missing);
+2. ``/run/lock/distributex`` when ``/run/lock`` is world-writable with the
+   sticky bit (Debian, Ubuntu, Fedora...);
+3. ``/tmp/distributex`` otherwise.
 
-Not ``$XDG_RUNTIME_DIR``: a login session sets it, cron does not, and it is
-removed at logout, so the same user's cron job and interactive run would
-lock different files and overlap.
+The choice depends on the system only, never on who runs, so that all
+users pick the same directory. It is created world-writable with the
+sticky bit, like ``/tmp``: anybody may create a lock file, nobody may
+delete or replace another user's. A lock file is created world-readable and
+locked through a read-only descriptor (``flock`` needs no write access), so
+any user can lock a file that another user created.
+
+Not ``$XDG_RUNTIME_DIR`` or ``$TMPDIR``: they differ between users, and a
+login session sets them when cron does not.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import stat
@@ -27,7 +37,16 @@ from urllib.parse import quote
 from distributex.client.errors import LockBusy, LockTimeout
 
 LOCK_DIR_ENV = "DISTRIBUTEX_LOCK_DIR"
-ROOT_LOCK_DIR = "/run/distributex"
+# Where the shared directory may be made, in order of preference: /run/lock
+# is the system's place for lock files (a tmpfs, emptied at boot, which suits
+# files that mean nothing after a reboot); /tmp is everywhere.
+SHARED_PARENTS = ("/run/lock", "/tmp")
+SHARED_NAME = "distributex"
+# The shared directory: anybody may add a file (world-writable), nobody may
+# remove or rename another user's (sticky), as in /tmp.
+SHARED_DIR_MODE = 0o1777
+# A lock file: every user must be able to open it to flock it.
+LOCK_FILE_MODE = 0o644
 
 # Polling for a lock under a timeout (flock itself cannot time out): start
 # fast, since a short job frees it soon, and settle at a pace that costs
@@ -42,30 +61,79 @@ def lock_dir() -> str:
     if explicit:
         os.makedirs(explicit, mode=0o755, exist_ok=True)
         return explicit
-    if os.geteuid() == 0 and os.access(os.path.dirname(ROOT_LOCK_DIR), os.W_OK):
-        os.makedirs(ROOT_LOCK_DIR, mode=0o755, exist_ok=True)
-        return ROOT_LOCK_DIR
-    path = os.path.join(os.environ.get("TMPDIR") or "/tmp", f"distributex-{os.getuid()}")
+    for parent in SHARED_PARENTS:
+        if _is_shared(parent):
+            return _shared_dir(os.path.join(parent, SHARED_NAME))
+    raise PermissionError(f"none of {', '.join(SHARED_PARENTS)} is a world-writable directory "
+                          f"with the sticky bit; set {LOCK_DIR_ENV}")
+
+
+def _is_shared(path: str) -> bool:
+    # By its mode, not by os.access(): root may write anywhere, and must
+    # choose the directory every other user chooses.
     try:
-        os.mkdir(path, 0o700)
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return stat.S_ISDIR(mode) and bool(mode & stat.S_IWOTH) and bool(mode & stat.S_ISVTX)
+
+
+def _shared_dir(path: str) -> str:
+    # umask would take the world's write bit off; the wrapper has no other
+    # thread yet that could create a file meanwhile.
+    umask = os.umask(0)
+    try:
+        os.mkdir(path, SHARED_DIR_MODE)  # Linux keeps the sticky bit of mkdir's mode
     except FileExistsError:
-        _check_private(path)
-    return path
-
-
-def _check_private(path: str) -> None:
-    # In a shared /tmp another user could have made the directory first, or
-    # a link, to hold our locks or read our pool names: refuse to use it.
+        pass
+    finally:
+        os.umask(umask)
+    # Anybody may have made it first, in a world-writable parent: a link
+    # could lead our lock files elsewhere, and a directory without the
+    # sticky bit would let anybody delete them (two runs would then lock
+    # two different files of one name).
     info = os.lstat(path)
-    if (not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid()
-            or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)):
-        raise PermissionError(f"{path} is not a private directory of this user; "
+    if not stat.S_ISDIR(info.st_mode):
+        raise PermissionError(f"{path} is not a directory (a symbolic link?); remove it "
+                              f"or set {LOCK_DIR_ENV}")
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not info.st_mode & stat.S_ISVTX:
+        raise PermissionError(f"{path} is writable by others without the sticky bit; "
                               f"remove it or set {LOCK_DIR_ENV}")
+    return path
 
 
 def lock_path(pool: str) -> str:
     """The lock file of ``pool``; any pool name makes one safe file name."""
     return os.path.join(lock_dir(), f"{quote(pool, safe='')}.lock")
+
+
+def open_lock_file(path: str) -> int:
+    """A read-only descriptor of the lock file ``path``, created if missing.
+
+    Opened without O_CREAT when it exists: with Linux's
+    ``fs.protected_regular``, O_CREAT on another user's file in a sticky
+    directory fails even when the file exists. O_NOFOLLOW: a link planted
+    by somebody else is refused, not followed.
+    """
+    # O_NONBLOCK: opening a FIFO planted in its place must not hang (it is
+    # refused below); on a regular file the flag changes nothing.
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+    while True:
+        try:
+            fd = os.open(path, flags)
+            break
+        except FileNotFoundError:
+            pass
+        try:
+            fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, LOCK_FILE_MODE)
+        except FileExistsError:
+            continue  # another run created it in between: open theirs
+        os.fchmod(fd, LOCK_FILE_MODE)  # whatever the umask took off
+        break
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, f"{path} is not a regular file")
+    return fd
 
 
 class LocalLock:
@@ -79,8 +147,7 @@ class LocalLock:
         """
         self.pool = pool
         self.path = lock_path(pool)
-        # 0600: anybody who can open the file can flock it, and so stall us.
-        self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self._fd: int | None = open_lock_file(self.path)
         try:
             self._lock(timeout, nowait)
         except BaseException:

@@ -19,7 +19,7 @@ from distributex.client.plans import (
     renewal_plan,
     run_blocking,
 )
-from distributex.client.protocol import default_host
+from distributex.client.protocol import default_host, new_session
 from distributex.client.threads import start_without_signals
 from distributex.client.wire import fetch
 
@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
     from distributex.client.plans import Step
     from distributex.client.protocol import Answer, Grant, Request
+
 
 class Locker:
     """A client of one distributex server, for code without a reactor.
@@ -52,11 +53,17 @@ class Locker:
 
     ``url`` is ``http[s]://host:port`` (or a bare host name, port 9889);
     ``host`` is the identity sent as holder, by default this machine's FQDN.
+    Each acquisition also sends a fresh random session (``held.session``),
+    so two locks taken with one host name, in two threads or two processes,
+    exclude each other as locks of two hosts would.
     """
 
     def __init__(self, url: str, *, host: str | None = None) -> None:
         self.address = parse_server(url)
         self.host = host
+        # The locks acquired and not yet released, so that release_all()
+        # finds even one whose acquire() was interrupted before returning it.
+        self._held: list[HeldLock] = []
 
     def lock(self, pool: str, host: str | None = None, label: str | None = None,
              timeout: float | None = None, nowait: bool = False) -> HeldLock:
@@ -74,34 +81,55 @@ class Locker:
                 timeout: float | None = None, nowait: bool = False) -> HeldLock:
         """The same as :meth:`lock`; release the result with ``release()``."""
         host = host or self.host or default_host()
+        session = new_session()
         plan = acquire_plan(pool, host, clock=time.monotonic, label=label,
-                            timeout=timeout, nowait=nowait)
+                            timeout=timeout, nowait=nowait, session=session)
         try:
-            grant = run_blocking(drive(plan, self.fetch, _sleep))
-            assert grant is not None  # only a sleep that says stop ends a plan early
+            grant = run_blocking(drive(plan, self.fetch, time.sleep))
+            assert grant is not None  # only a stop ends a plan early, and nothing stops this one
+            return HeldLock(self, pool, host, session, label, grant)
         except DistributexError:
-            raise
+            raise  # the plan's own failure: nothing was granted
         except BaseException:
-            # Interrupted (Ctrl-C, a signal handler): the server may have
-            # granted just before, and nobody would ever release that grant.
-            self.release_quietly(pool, host)
+            # Interrupted (Ctrl-C, a signal handler) anywhere from the grant
+            # to the hand-over of the held lock: nobody would ever release it.
+            self._abandon(pool, host, session)
             raise
-        return HeldLock(self, pool, host, label, grant)
 
     def fetch(self, request: Request) -> Answer:
         """Send one protocol request to this locker's server."""
         return fetch(self.address, request)
 
-    def release(self, pool: str, host: str) -> None:
-        """Tell the server that ``host`` no longer holds ``pool``."""
-        run_blocking(drive(release_plan(pool, host), self.fetch, _sleep))
+    def release(self, pool: str, host: str, session: str | None = None) -> None:
+        """Tell the server that the holder (``host``, ``session``) no longer
+        holds ``pool``. A held lock's own ``release()`` is what to call:
+        it also stops the renewals."""
+        run_blocking(drive(release_plan(pool, host, session), self.fetch, time.sleep))
 
-    def release_quietly(self, pool: str, host: str) -> None:
+    def release_quietly(self, pool: str, host: str, session: str | None = None) -> None:
         """:meth:`release`, for cleanup paths where nothing more can be done."""
         try:
-            self.release(pool, host)
+            self.release(pool, host, session)
         except DistributexError:
             pass
+
+    def release_all(self) -> None:
+        """Release every lock of this locker not released yet, quietly.
+
+        For a program's last cleanup: it also finds a lock whose
+        :meth:`acquire` was interrupted (by a signal) after the grant but
+        before it could be returned.
+        """
+        for held in list(self._held):
+            held.release_quietly()
+
+    def _abandon(self, pool: str, host: str, session: str) -> None:
+        for held in list(self._held):
+            if held.session == session:
+                held.release_quietly()  # stops its renewals first
+                return
+        # Granted, maybe, but no held lock yet: nothing renews, just release.
+        self.release_quietly(pool, host, session)
 
 
 class HeldLock(Held):
@@ -111,17 +139,20 @@ class HeldLock(Held):
     :class:`threading.Event` set when the lock is lost.
     """
 
-    def __init__(self, locker: Locker, pool: str, host: str, label: str | None,
-                 grant: Grant) -> None:
-        super().__init__(pool, host, label, grant)
+    def __init__(self, locker: Locker, pool: str, host: str, session: str,
+                 label: str | None, grant: Grant) -> None:
+        super().__init__(pool, host, session, label, grant)
         self.lost = threading.Event()
         self._locker = locker
         self._stop = threading.Event()
         self._mutex = threading.Lock()
         self._callbacks: list[Callable[[str], object]] = []
         self._thread: threading.Thread | None = None
+        # Known to the locker before anything can fail or be interrupted.
+        locker._held.append(self)
         if grant.expire > 0:
-            plan = renewal_plan(pool, host, grant, clock=time.monotonic, label=label)
+            plan = renewal_plan(pool, host, grant, clock=time.monotonic, label=label,
+                                session=session)
             self._thread = threading.Thread(target=self._renew, args=(plan,), daemon=True,
                                             name=f"distributex renewal of {pool}")
             start_without_signals(self._thread)
@@ -141,18 +172,28 @@ class HeldLock(Held):
     def release(self) -> None:
         """Stop renewing and give the lock back; a second call does nothing.
 
-        Raises :class:`~.errors.DistributexError` when the server could not
-        be told; the lease then runs out by itself.
+        A renewal on its way is waited for (at most a request's timeout),
+        since landing after the release it would take the lock again; then
+        ``/release/`` is sent. Raises :class:`~.errors.DistributexError`
+        when the server could not be told; the lease then runs out by itself.
         """
         if self._released:
             return
         self._released = True
         self._stop.set()
-        if self._thread is not None:
-            # A renewal still on its way must not land after the release:
-            # it would take the lock again.
-            self._thread.join()
-        self._locker.release(self.pool, self.host)
+        thread = self._thread
+        if thread is not None and thread.is_alive():  # not started: interrupted in __init__
+            thread.join()
+        if self in self._locker._held:
+            self._locker._held.remove(self)
+        self._locker.release(self.pool, self.host, self.session)
+
+    def release_quietly(self) -> None:
+        """:meth:`release`, for cleanup paths where nothing more can be done."""
+        try:
+            self.release()
+        except DistributexError:
+            pass
 
     def __enter__(self) -> HeldLock:
         return self
@@ -173,7 +214,14 @@ class HeldLock(Held):
             self.check()
 
     def _renew(self, plan: Generator[Step, Answer | None, str]) -> None:
-        reason = run_blocking(drive(plan, self._locker.fetch, self._keep_sleeping))
+        try:
+            reason = run_blocking(drive(plan, self._locker.fetch, self._stop.wait,
+                                        self._stop.is_set))
+        except BaseException as error:
+            # A bug, not an outage (the plan handles those). Nothing renews
+            # any more, so the lock is as good as lost: say so, rather than
+            # let the work go on unprotected.
+            reason = f"the renewal stopped on an unexpected error: {error!r}"
         if reason is None:
             return  # released
         with self._mutex:
@@ -182,11 +230,3 @@ class HeldLock(Held):
             callbacks, self._callbacks = self._callbacks, []
         for callback in callbacks:
             callback(self.lost_reason)
-
-    def _keep_sleeping(self, seconds: float) -> bool:
-        return not self._stop.wait(seconds)
-
-
-def _sleep(seconds: float) -> bool:
-    time.sleep(seconds)
-    return True

@@ -2,11 +2,15 @@
 
 A plan is a generator. It yields its next step, a :class:`~.protocol.Request`
 to send or a :class:`Sleep`, and is sent back the :class:`~.protocol.Answer`
-or has :class:`~.errors.ServerUnreachable` thrown in. :func:`drive` carries
-the steps out, with blocking calls for :mod:`.locker` and with Deferreds for
-:mod:`.txlocker`: both flavours retry, renew and declare a lock lost in
-exactly the same way, and the plans are tested with a fake clock in
-microseconds.
+or has the request's failure thrown in. :func:`drive` carries the steps out,
+with blocking calls for :mod:`.locker` and with Deferreds for
+:mod:`.txlocker`, and stops them when asked to: both flavours retry, renew,
+stop and declare a lock lost in exactly the same way, and the plans are
+tested with a fake clock in microseconds.
+
+Every plan names its holder by ``host`` and ``session`` (see
+:func:`~.protocol.new_session`): one acquisition's session is used for its
+renewals and its release.
 """
 
 from __future__ import annotations
@@ -56,7 +60,7 @@ MIN_REQUEST_TIMEOUT = 0.05
 
 
 class Sleep:
-    """A step: pause ``seconds``; a driver may stop the plan instead."""
+    """A step: pause ``seconds``; a driver may cut it short to stop the plan."""
 
     __slots__ = ("seconds",)
 
@@ -89,7 +93,8 @@ class Backoff:
 
 def acquire_plan(pool: str, host: str, *, clock: Callable[[], float],
                  label: str | None = None, timeout: float | None = None,
-                 nowait: bool = False) -> Generator[Step, Answer | None, Grant]:
+                 nowait: bool = False,
+                 session: str | None = None) -> Generator[Step, Answer | None, Grant]:
     """Obtain the lock: one ``/get/`` with ``nowait``, else a ``/wait/``.
 
     An unreachable server is retried with backoff until ``timeout`` passes
@@ -105,7 +110,7 @@ def acquire_plan(pool: str, host: str, *, clock: Callable[[], float],
     tries = 0
     while True:
         sent = clock()
-        request = _acquire_request(pool, host, label, deadline, sent, nowait)
+        request = _acquire_request(pool, host, session, label, deadline, sent, nowait)
         tries += 1
         try:
             answer = yield request
@@ -140,27 +145,30 @@ def acquire_plan(pool: str, host: str, *, clock: Callable[[], float],
         raise ProtocolError(f"unexpected {result} to {request.path}")
 
 
-def _acquire_request(pool: str, host: str, label: str | None, deadline: float | None,
-                     now: float, nowait: bool) -> Request:
+def _acquire_request(pool: str, host: str, session: str | None, label: str | None,
+                     deadline: float | None, now: float, nowait: bool) -> Request:
     remaining = None if deadline is None else max(0.0, deadline - now)
     if nowait:
         patience = REQUEST_TIMEOUT if remaining is None else min(REQUEST_TIMEOUT, remaining)
-        return Request("/get/", lock_params(pool, host, label),
+        return Request("/get/", lock_params(pool, host, label, session=session),
                        max(MIN_REQUEST_TIMEOUT, patience))
-    return Request("/wait/", lock_params(pool, host, label, remaining),
+    return Request("/wait/", lock_params(pool, host, label, remaining, session),
                    None if remaining is None else remaining + WAIT_SLACK)
 
 
 def renewal_plan(pool: str, host: str, grant: Grant, *, clock: Callable[[], float],
-                 label: str | None = None) -> Generator[Step, Answer | None, str]:
+                 label: str | None = None,
+                 session: str | None = None) -> Generator[Step, Answer | None, str]:
     """Keep the lease of ``grant`` alive; return why the lock was lost.
 
     Renews with ``/get/`` (re-entrant: ``YES`` with the same token renews)
     every :data:`RENEW_FRACTION` of the lease, sooner after a failure. The
     lock is lost when a renewal answers ``NO`` or ``INVALID``, when it comes
     back with another token (the lease had lapsed meanwhile), or when none
-    has succeeded for a whole lease by ``clock``. Never returns for a lease
-    that does not expire (``expire`` 0): do not run it for one.
+    has succeeded for a whole lease by ``clock``. A renewal that fails
+    otherwise (unreachable, ``ERROR``, an answer that is not the protocol's,
+    such as a proxy's page) is retried. Never returns for a lease that does
+    not expire (``expire`` 0): do not run it for one.
     """
     interval = grant.expire * RENEW_FRACTION
     backoff = Backoff(maximum=interval)
@@ -176,7 +184,7 @@ def renewal_plan(pool: str, host: str, grant: Grant, *, clock: Callable[[], floa
             yield Sleep(min(next_try, deadline) - now)
             continue
         try:
-            answer = yield Request("/get/", lock_params(pool, host, label),
+            answer = yield Request("/get/", lock_params(pool, host, label, session=session),
                                    max(MIN_REQUEST_TIMEOUT, min(REQUEST_TIMEOUT, deadline - now)))
             assert answer is not None
             result = verdict(answer)
@@ -202,11 +210,13 @@ def renewal_plan(pool: str, host: str, grant: Grant, *, clock: Callable[[], floa
         backoff.reset()
 
 
-def release_plan(pool: str, host: str) -> Generator[Step, Answer | None, None]:
+def release_plan(pool: str, host: str,
+                 session: str | None = None) -> Generator[Step, Answer | None, None]:
     """Give the lock back: one ``/release/``, answered ``OK`` even when the
     hold had already ended. An unreachable server is not retried: the lease
     will end the hold anyway."""
-    answer = yield Request("/release/", lock_params(pool, host), RELEASE_TIMEOUT)
+    answer = yield Request("/release/", lock_params(pool, host, session=session),
+                           RELEASE_TIMEOUT)
     assert answer is not None
     result = verdict(answer)
     if result != "OK":
@@ -214,31 +224,40 @@ def release_plan(pool: str, host: str) -> Generator[Step, Answer | None, None]:
 
 
 def drive(plan: Generator[Step, Answer | None, T], send: Callable[[Request], Any],
-          sleep: Callable[[float], Any]) -> Generator[Any, Any, T | None]:
+          sleep: Callable[[float], Any],
+          stopped: Callable[[], bool] = lambda: False) -> Generator[Any, Any, T | None]:
     """Carry out a plan's steps; a generator that yields what ``send`` and
     ``sleep`` return and is resumed with their results.
 
     With blocking ``send`` and ``sleep`` run it with :func:`run_blocking`;
-    with Deferred-returning ones, with ``inlineCallbacks``. ``sleep`` gives
-    False to stop the plan early: the result is then None.
+    with Deferred-returning ones, with ``inlineCallbacks``. Whatever ``send``
+    raises is thrown into the plan, which alone knows what a failure means
+    at its step (a renewal retries what an acquisition gives up on).
+
+    ``stopped`` is asked before every step: once it says True, no request
+    is sent any more, a request on its way is waited for but its answer is
+    dropped, the plan is closed and the result is None. ``sleep`` should
+    return early when stopping is asked (an Event's wait, a delay that can
+    be fired early), so that a stop need not wait out a pause.
     """
     answer: Answer | None = None
-    error: ServerUnreachable | None = None
+    error: Exception | None = None
     while True:
+        if stopped():
+            plan.close()
+            return None
         try:
             step = plan.throw(error) if error is not None else plan.send(answer)
         except StopIteration as done:
-            return done.value  # type: ignore[no-any-return]
+            return done.value
         answer, error = None, None
         if isinstance(step, Sleep):
-            if not (yield sleep(step.seconds)):
-                plan.close()
-                return None
+            yield sleep(step.seconds)
             continue
         try:
             answer = yield send(step)
-        except ServerUnreachable as unreachable:
-            error = unreachable
+        except Exception as failure:  # not BaseException: Ctrl-C is not an answer
+            error = failure
 
 
 def run_blocking(driver: Generator[Any, Any, T]) -> T:
@@ -248,4 +267,4 @@ def run_blocking(driver: Generator[Any, Any, T]) -> T:
         try:
             value = driver.send(value)
         except StopIteration as done:
-            return done.value  # type: ignore[no-any-return]
+            return done.value

@@ -8,6 +8,7 @@ The client asks for the plain bodies (the *compat* ones: ``YES``, ``NO``,
 
 from __future__ import annotations
 
+import os
 from urllib.parse import urlencode
 
 from distributex.client.errors import (
@@ -82,10 +83,25 @@ class Grant:
         return f"Grant(token={self.token}, expire={self.expire})"
 
 
+# Random bytes in a session: 64 bits, so that two acquisitions of one host
+# never draw the same session (a birthday collision needs ~4e9 of them).
+SESSION_BYTES = 8
+
+
+def new_session() -> str:
+    """A fresh random session (hex): the holder is the pair (host, session),
+    so that two runs on one host, or two lockers of one process, exclude
+    each other. ``os.urandom``, not :mod:`uuid` or :mod:`secrets`, whose
+    imports would slow the wrapper's start."""
+    return os.urandom(SESSION_BYTES).hex()
+
+
 def lock_params(pool: str, host: str, label: str | None = None,
-                timeout: float | None = None) -> dict[str, str]:
+                timeout: float | None = None, session: str | None = None) -> dict[str, str]:
     """The query parameters of ``/get/``, ``/wait/`` and ``/release/``."""
     params = {"pool": pool, "host": host}
+    if session is not None:
+        params["session"] = session
     if timeout is not None:
         params["timeout"] = format_seconds(timeout)
     if label:

@@ -2,14 +2,18 @@
 
 For programs that already run a reactor. It drives the same plans as the
 blocking :class:`~distributex.client.locker.Locker` (:mod:`.plans`), so it
-retries, renews and declares a lock lost the same way; its clock is the
-reactor's (``IReactorTime``), so a test can drive it with ``task.Clock``.
+retries, renews, stops and declares a lock lost the same way. Its pauses are
+the reactor's ``callLater``; the plans read the time from ``clock``,
+``time.monotonic`` by default, not from ``reactor.seconds``: that is the wall
+clock, and a step of it (NTP, an administrator) would end a lease at once or
+stretch it past the server's.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Generator
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar, cast
 
 from treq.client import HTTPClient
 from twisted.internet import error as neterror
@@ -20,7 +24,8 @@ from twisted.internet.defer import (
     maybeDeferred,
     succeed,
 )
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import (
     Agent,
@@ -28,15 +33,33 @@ from twisted.web.client import (
     ResponseFailed,
 )
 from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgent
 
 from distributex.client.address import parse_server
 from distributex.client.errors import DistributexError, ServerUnreachable
 from distributex.client.held import Held
 from distributex.client.plans import acquire_plan, drive, release_plan, renewal_plan
-from distributex.client.protocol import Answer, Grant, Request, default_host
+from distributex.client.protocol import Answer, Grant, Request, default_host, new_session
 from distributex.client.wire import USER_AGENT
 
 T = TypeVar("T")
+
+_log = Logger()
+
+
+class DelayedCall(Protocol):
+    """What the client uses of ``IDelayedCall`` (typed without a zope plugin)."""
+
+    def active(self) -> bool: ...
+
+    def cancel(self) -> None: ...
+
+
+class ReactorTime(Protocol):
+    """What the client uses of ``IReactorTime``."""
+
+    def callLater(self, delay: float, callable: Callable[..., Any], *args: Any,
+                  **kw: Any) -> DelayedCall: ...
 
 # The failures of a request that never connected.
 _CONNECT_ERRORS = (neterror.ConnectError, neterror.DNSLookupError)
@@ -64,21 +87,28 @@ class TxLocker:
 
     A held lock can be lost (see :class:`~distributex.client.locker.Locker`):
     ``held.when_lost()`` fires with the reason, ``held.lost`` says it, and
-    ``held.token`` lets the resource refuse an older holder's writes.
+    ``held.token`` lets the resource refuse an older holder's writes. Each
+    acquisition sends a fresh random session (``held.session``), as the
+    blocking ``Locker`` does.
+
+    ``clock`` gives the plans the time (leases, deadlines, retries): a
+    monotonic clock by default; a test may pass ``task.Clock().seconds``.
     """
 
     def __init__(self, url: str, reactor: IReactorTime | None = None, *,
-                 host: str | None = None, http_client: HTTPClient | None = None) -> None:
+                 host: str | None = None, http_client: HTTPClient | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         if reactor is None:
             from twisted.internet import reactor as default_reactor
 
-            reactor = default_reactor  # type: ignore[assignment]
+            reactor = default_reactor
         self.address = parse_server(url)
         self.host = host
-        self.reactor: IReactorTime = reactor  # type: ignore[assignment]
+        self.clock = clock
+        self.reactor = cast(ReactorTime, reactor)
         # Agent's default pool closes each connection after its answer, as the
         # blocking client does: a lock takes a request every few minutes.
-        self._http = http_client or HTTPClient(Agent(reactor))
+        self._http = http_client or HTTPClient(cast(IAgent, Agent(reactor)))
 
     def acquire(self, pool: str, host: str | None = None, label: str | None = None,
                 timeout: float | None = None, nowait: bool = False) -> Deferred[TxHeldLock]:
@@ -89,25 +119,30 @@ class TxLocker:
         ``InvalidRequest``... Cancelling it gives up the wait.
         """
         host = host or self.host or default_host()
-        plan = acquire_plan(pool, host, clock=self.reactor.seconds, label=label,
-                            timeout=timeout, nowait=nowait)
+        session = new_session()
+        plan = acquire_plan(pool, host, clock=self.clock, label=label,
+                            timeout=timeout, nowait=nowait, session=session)
         waiting = inlineCallbacks(drive)(plan, self.fetch, self._sleep)
 
-        def granted(grant: Grant) -> TxHeldLock:
-            return TxHeldLock(self, pool, host, label, grant)
+        def granted(grant: Grant | None) -> TxHeldLock:
+            assert grant is not None  # only a stop ends a plan early, and nothing stops this one
+            return TxHeldLock(self, pool, host, session, label, grant)
 
         def failed(failure: Failure) -> Failure:
             if not failure.check(DistributexError):
-                # Cancelled or broken mid-wait: the server may have granted
-                # just before, and nobody would ever release that grant.
-                self.release(pool, host).addErrback(lambda _: None)
+                # Cancelled or broken mid-wait (or a bug in granted()): the
+                # server may have granted, and nobody would ever release it.
+                self.release(pool, host, session).addErrback(lambda _: None)
             return failure
 
-        return waiting.addCallbacks(granted, failed)  # type: ignore[arg-type]
+        return waiting.addCallback(granted).addErrback(failed)
 
-    def release(self, pool: str, host: str) -> Deferred[None]:
-        """Tell the server that ``host`` no longer holds ``pool``."""
-        return inlineCallbacks(drive)(release_plan(pool, host), self.fetch, self._sleep)
+    def release(self, pool: str, host: str, session: str | None = None) -> Deferred[None]:
+        """Tell the server that the holder (``host``, ``session``) no longer
+        holds ``pool``. A held lock's own ``release()`` is what to call: it
+        also stops the renewals."""
+        return inlineCallbacks(drive)(release_plan(pool, host, session), self.fetch,
+                                      self._sleep)
 
     def run_locked(self, pool: str, work: Callable[[TxHeldLock], Any], *,
                    host: str | None = None, label: str | None = None,
@@ -178,9 +213,9 @@ class TxLocker:
 
         return answering.addErrback(unreachable)
 
-    def _sleep(self, seconds: float) -> Deferred[bool]:
-        sleeping: Deferred[bool] = Deferred(lambda d: call.cancel())
-        call = self.reactor.callLater(seconds, sleeping.callback, True)
+    def _sleep(self, seconds: float) -> Deferred[None]:
+        sleeping: Deferred[None] = Deferred(lambda d: call.cancel())
+        call = self.reactor.callLater(seconds, sleeping.callback, None)
         return sleeping
 
 
@@ -191,17 +226,19 @@ class TxHeldLock(Held):
     lost and :meth:`when_lost` fires when it is.
     """
 
-    def __init__(self, locker: TxLocker, pool: str, host: str, label: str | None,
-                 grant: Grant) -> None:
-        super().__init__(pool, host, label, grant)
+    def __init__(self, locker: TxLocker, pool: str, host: str, session: str,
+                 label: str | None, grant: Grant) -> None:
+        super().__init__(pool, host, session, label, grant)
         self._locker = locker
         self._loss_waiters: list[Deferred[str]] = []
-        self._wake: tuple[Deferred[bool], IDelayedCall] | None = None
+        self._wake: tuple[Deferred[None], DelayedCall] | None = None
         self._renewing: Deferred[Any] = succeed(None)
         if grant.expire > 0:
-            plan = renewal_plan(pool, host, grant, clock=locker.reactor.seconds, label=label)
-            renewing = inlineCallbacks(drive)(plan, locker.fetch, self._sleep)
-            self._renewing = renewing.addCallback(self._ended)
+            plan = renewal_plan(pool, host, grant, clock=locker.clock, label=label,
+                                session=session)
+            renewing = inlineCallbacks(drive)(plan, locker.fetch, self._sleep,
+                                              lambda: self._released)
+            self._renewing = renewing.addCallbacks(self._ended, self._broken)
 
     @property
     def lost(self) -> bool:
@@ -221,30 +258,32 @@ class TxHeldLock(Held):
     def release(self) -> Deferred[None]:
         """Stop renewing and give the lock back; a Deferred of its end.
 
-        It fails with a :class:`~.errors.DistributexError` when the server
-        could not be told; the lease then runs out by itself. A second call
-        does nothing.
+        A renewal on its way is waited for (at most a request's timeout),
+        since landing after the release it would take the lock again; then
+        ``/release/`` is sent. It fails with a
+        :class:`~.errors.DistributexError` when the server could not be
+        told; the lease then runs out by itself. A second call does nothing.
         """
         if self._released:
             return succeed(None)
-        self._released = True
+        self._released = True  # the driver sends nothing more
         if self._wake is not None:
             sleeping, call = self._wake
+            self._wake = None
             call.cancel()
-            sleeping.callback(False)
-        # A renewal still on its way must not land after the release: it
-        # would take the lock again.
-        return self._renewing.addBoth(lambda _: self._locker.release(self.pool, self.host))
+            sleeping.callback(None)  # the driver sees the stop now, not after the pause
+        return self._renewing.addBoth(
+            lambda _: self._locker.release(self.pool, self.host, self.session))
 
-    def _sleep(self, seconds: float) -> Deferred[bool]:
-        sleeping: Deferred[bool] = Deferred()
+    def _sleep(self, seconds: float) -> Deferred[None]:
+        sleeping: Deferred[None] = Deferred()
         call = self._locker.reactor.callLater(seconds, self._woken, sleeping)
         self._wake = (sleeping, call)
         return sleeping
 
-    def _woken(self, sleeping: Deferred[bool]) -> None:
+    def _woken(self, sleeping: Deferred[None]) -> None:
         self._wake = None
-        sleeping.callback(True)
+        sleeping.callback(None)
 
     def _ended(self, reason: str | None) -> None:
         if reason is None:
@@ -253,6 +292,13 @@ class TxHeldLock(Held):
         waiters, self._loss_waiters = self._loss_waiters, []
         for waiter in waiters:
             waiter.callback(reason)
+
+    def _broken(self, failure: Failure) -> None:
+        # A bug, not an outage (the plan handles those). Nothing renews any
+        # more, so the lock is as good as lost: say so, rather than let the
+        # work go on unprotected.
+        _log.failure("the renewal of pool {pool!r} stopped", failure, pool=self.pool)
+        self._ended(f"the renewal stopped on an unexpected error: {failure.value!r}")
 
 
 @inlineCallbacks
