@@ -219,11 +219,13 @@ def test_a_backend_error_says_so_in_one_line(tmp_path):
                       memcache_servers=[f"127.0.0.1:{free_port()}"])
     ran = tmp_path / "ran"
     try:
-        result = run_client(server, "-E", "3", "-r", "p", f"touch {ran}")
+        result = run_client(server, "-E", "3", "-t", "1", "-r", "p", f"touch {ran}")
     finally:
         server.kill()
     assert result.returncode == 3
-    assert result.stderr.startswith("distributex: server error (HTTP 503): ")
+    # Retried within -t, as an unreachable server is, and said at the end.
+    assert result.stderr.startswith("distributex: timed out after 1 s waiting for pool 'p'")
+    assert "server error (HTTP 503)" in result.stderr
     assert result.stderr.count("\n") == 1
     assert not ran.exists()
 

@@ -478,8 +478,8 @@ def test_a_lock_file_of_a_dead_process_is_free(tmp_path: object,
 
 def test_the_command_line_compat_spellings() -> None:
     options = cli.parse_args(["-H", "dx", "-r", "pool1", "-p", "9999", "-l", "backup"])
-    assert (options.address.url, options.pool, options.local, options.command) == (
-        "http://dx:9999", "pool1", True, "backup")
+    assert ([a.url for a in options.addresses], options.pool, options.local,
+            options.command) == (["http://dx:9999"], "pool1", True, "backup")
     assert (options.conflict_exit, options.grace, options.timeout, options.nowait) == (
         1, 5.0, None, False)
     options = cli.parse_args(["-r", "p", "-n", "-E", "75", "--id", "me", "-t", "2.5",

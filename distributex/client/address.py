@@ -24,11 +24,15 @@ class ServerAddress:
     @property
     def netloc(self) -> str:
         """``host:port`` as it goes in a URL or a Host header."""
+        if self.scheme == "unix":
+            return "localhost"
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{host}:{self.port}"
 
     @property
     def url(self) -> str:
+        if self.scheme == "unix":
+            return f"unix:{self.host}"
         return f"{self.scheme}://{self.netloc}{self.prefix}"
 
     def __eq__(self, other: object) -> bool:
@@ -41,8 +45,20 @@ class ServerAddress:
         return f"ServerAddress({self.url!r})"
 
 
+def parse_servers(servers: str, port: int | None = None) -> list[ServerAddress]:
+    """Parse ``a,b,c``: several servers of one cluster, each as
+    :func:`parse_server` takes it. Raises :class:`ValueError`."""
+    if not servers.strip():
+        raise ValueError("the server name is empty")
+    addresses = [parse_server(server, port) for server in servers.split(",")]
+    if len(set(addresses)) < len(addresses):
+        raise ValueError(f"{servers!r} names a server twice")
+    return addresses
+
+
 def parse_server(server: str, port: int | None = None) -> ServerAddress:
-    """Parse a server given as a hostname, ``host:port`` or an http(s) URL.
+    """Parse a server given as a hostname, ``host:port``, an http(s) URL or
+    ``unix:/path/of/socket``.
 
     ``port`` is the separate ``-p`` option. A bare hostname uses it, or
     :data:`DEFAULT_PORT`. A URL names its own port; a URL without one takes
@@ -54,6 +70,14 @@ def parse_server(server: str, port: int | None = None) -> ServerAddress:
     server = server.strip()
     if not server:
         raise ValueError("the server name is empty")
+    if server.startswith("unix:") and "://" not in server:
+        path = server[len("unix:"):]
+        if not path.startswith("/"):
+            raise ValueError(f"{server!r}: a Unix socket needs an absolute path, "
+                             "as in unix:/run/dx.sock")
+        if "\0" in path:
+            raise ValueError(f"{server!r}: a Unix socket path holds no NUL")
+        return ServerAddress("unix", path, 0)
     if "://" in server:
         return _parse_url(server, port)
     if server.count(":") > 1 and not server.startswith("["):

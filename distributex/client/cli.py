@@ -12,16 +12,19 @@ import sys
 import time
 
 from distributex import __version__
-from distributex.client.address import DEFAULT_PORT, parse_server
+from distributex.client.address import DEFAULT_PORT, parse_servers
 from distributex.client.errors import DistributexError, LockBusy, LockTimeout
 from distributex.client.supervise import DEFAULT_KILL_GRACE, Interrupted, Supervisor
 
 TYPE_CHECKING = False  # importing typing would slow the wrapper's start; mypy sees True.
 if TYPE_CHECKING:
+    import ssl
     from typing import NoReturn
 
     from distributex.client.locallock import LocalLock
     from distributex.client.locker import HeldLock, Locker
+
+AUTH_FILE_ENV = "DISTRIBUTEX_AUTH_FILE"
 
 # compat: the 2014 client exited 1 whenever it did not run the command.
 DEFAULT_CONFLICT_EXIT = 1
@@ -80,10 +83,11 @@ def run(argv: list[str]) -> int:
 
             local = LocalLock(options.pool, timeout=options.timeout, nowait=options.nowait)
         env = dict(os.environ, DISTRIBUTEX_POOL=options.pool)
-        if options.address is not None:
+        if options.addresses is not None:
             from distributex.client.locker import Locker
 
-            locker = Locker(options.address.url, host=options.id)
+            locker = Locker(options.addresses, host=options.id, secret=options.secret,
+                            ssl_context=options.ssl_context)
             held = _lock_server(options, locker)
             env.update(DISTRIBUTEX_HOST=held.host, DISTRIBUTEX_SESSION=held.session,
                        DISTRIBUTEX_TOKEN=str(held.token))
@@ -118,10 +122,11 @@ def _lock_server(options: argparse.Namespace, locker: Locker) -> HeldLock:
     try:
         return locker.acquire(options.pool, label=options.label, timeout=timeout,
                               nowait=options.nowait)
-    except LockTimeout:
+    except LockTimeout as error:
         # Say the -t the user gave, not what the local lock left of it.
+        _, paren, failure = str(error).partition(" (last error: ")
         raise LockTimeout(f"timed out after {options.timeout:g} s waiting for pool "
-                          f"{options.pool!r}") from None
+                          f"{options.pool!r}{paren}{failure}") from None
 
 
 def _run_command(options: argparse.Namespace, supervisor: Supervisor, env: dict[str, str],
@@ -163,9 +168,11 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_Formatter)
     add = parser.add_argument
     add("command", nargs="?", help="the command, one string run by /bin/sh -c")
-    add("-H", "--server", metavar="SERVER",
-        help="the server: a host name or an http[s]://host:port URL; without it "
-             "the command runs under the local lock alone")
+    add("-H", "--server", metavar="SERVER", action=_Once,
+        help="the server: a host name, an http[s]://host:port URL or "
+             "unix:/path/of/socket; several servers of one cluster as a,b,c (the "
+             "next is tried when one cannot be reached); without it the command "
+             "runs under the local lock alone")
     add("-r", "--pool", required=True, metavar="POOL", help="the pool to lock")
     add("-p", "--port", type=_port, metavar="PORT",
         help=f"the server's port (default {DEFAULT_PORT})")
@@ -185,6 +192,14 @@ def build_parser() -> argparse.ArgumentParser:
     add("-g", "--grace", type=_seconds, default=DEFAULT_KILL_GRACE, metavar="SECONDS",
         help="after a lost lock, SIGKILL the command this long after SIGTERM "
              f"(default {DEFAULT_KILL_GRACE:g})")
+    add("--auth-file", metavar="FILE", default=os.environ.get(AUTH_FILE_ENV) or None,
+        help=f"a file holding the access secret, sent as a bearer token (default "
+             f"${AUTH_FILE_ENV})")
+    add("--cacert", metavar="FILE",
+        help="verify an https server against the CA certificates of FILE "
+             "(default: the system's store)")
+    add("--cert", metavar="FILE", help="a client certificate (PEM) for https")
+    add("--key", metavar="FILE", help="the private key of --cert (default: in --cert)")
     add("-V", "--version", action="version", version=f"%(prog)s {__version__}")
     return parser
 
@@ -219,17 +234,68 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parser.error("no command given")
     if options.server is None and options.port is not None:
         parser.error("-p needs -H")
-    options.address = None
+    options.addresses = None
+    options.secret = None
+    options.ssl_context = None
     if options.server is not None:
         try:
-            options.address = parse_server(options.server, options.port)
+            options.addresses = parse_servers(options.server, options.port)
         except ValueError as error:
             parser.error(str(error))
     else:
         options.local = True  # without a server the local lock is the lock
+    if options.key is not None and options.cert is None:
+        parser.error("--key needs --cert")
+    if options.server is None and (options.cacert or options.cert):
+        parser.error("--cacert and --cert need -H")
+    if options.auth_file and options.addresses is not None:
+        options.secret = _read_secret(parser, options.auth_file)
+    if options.addresses is not None and (options.cacert or options.cert):
+        if not any(address.scheme == "https" for address in options.addresses):
+            parser.error("--cacert and --cert need an https:// server")
+        options.ssl_context = _ssl_context(parser, options)
     if options.timeout is not None:
         options.deadline = time.monotonic() + options.timeout
     return options
+
+
+class _Once(argparse.Action):
+    """An option that may be given once: a second -H is a mistake, not a
+    change of mind (take several servers as a,b,c)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: object, option_string: str | None = None) -> None:
+        if getattr(namespace, self.dest, None) is not None:
+            parser.error(f"{option_string} given twice; give several servers as -H a,b,c")
+        setattr(namespace, self.dest, values)
+
+
+def _read_secret(parser: argparse.ArgumentParser, path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            secret = f.read().strip()
+    except (OSError, UnicodeDecodeError) as error:
+        reason = getattr(error, "strerror", None) or str(error)
+        parser.error(f"cannot read the auth file {path!r}: {reason}")
+    if not secret or any(c in secret for c in "\r\n\0") or not secret.isprintable():
+        parser.error(f"the auth file {path!r} holds no single-line secret")
+    return secret
+
+
+def _ssl_context(parser: argparse.ArgumentParser, options: argparse.Namespace) -> ssl.SSLContext:
+    import ssl  # only https users pay for it
+
+    try:
+        context = ssl.create_default_context(cafile=options.cacert)
+        if options.cert is not None:
+            context.load_cert_chain(options.cert, options.key)
+    except (OSError, ValueError) as error:  # ssl.SSLError is an OSError
+        what = f"--cacert {options.cacert}" if options.cacert else ""
+        if options.cert:
+            what = f"{what} --cert {options.cert}".strip()
+        reason = getattr(error, "strerror", None) or getattr(error, "reason", None) or error
+        parser.error(f"cannot load {what}: {reason}")
+    return context
 
 
 def _seconds(text: str) -> float:

@@ -65,3 +65,9 @@ class ProtocolError(DistributexError):
 
 class LockLost(DistributexError):
     """A lock that was held was lost: it may already belong to someone else."""
+
+
+class TLSFailure(DistributexError):
+    """The TLS handshake with the server failed: its certificate did not
+    verify (wrong CA, expired, another name), or it wanted a client
+    certificate that was not given. Not retried: it will not heal."""

@@ -9,8 +9,8 @@ from __future__ import annotations
 import threading
 import time
 
-from distributex.client.address import parse_server
-from distributex.client.errors import DistributexError
+from distributex.client.address import parse_servers
+from distributex.client.errors import DistributexError, ServerUnreachable
 from distributex.client.held import Held
 from distributex.client.plans import (
     acquire_plan,
@@ -25,9 +25,11 @@ from distributex.client.wire import fetch
 
 TYPE_CHECKING = False  # importing typing would slow the wrapper's start; mypy sees True.
 if TYPE_CHECKING:
+    import ssl
     from collections.abc import Callable, Generator
     from types import TracebackType
 
+    from distributex.client.address import ServerAddress
     from distributex.client.plans import Step
     from distributex.client.protocol import Answer, Grant, Request
 
@@ -58,9 +60,16 @@ class Locker:
     exclude each other as locks of two hosts would.
     """
 
-    def __init__(self, url: str, *, host: str | None = None) -> None:
-        self.address = parse_server(url)
+    def __init__(self, url: str | list[ServerAddress], *, host: str | None = None,
+                 secret: str | None = None, ssl_context: ssl.SSLContext | None = None) -> None:
+        self.addresses = parse_servers(url) if isinstance(url, str) else list(url)
+        if not self.addresses:
+            raise ValueError("no server given")
+        # The server that answered last: used until it cannot be reached.
+        self._current = 0
         self.host = host
+        self.secret = secret
+        self.ssl_context = ssl_context
         # The locks acquired and not yet released, so that release_all()
         # finds even one whose acquire() was interrupted before returning it.
         self._held: list[HeldLock] = []
@@ -96,9 +105,30 @@ class Locker:
             self._abandon(pool, host, session)
             raise
 
+    @property
+    def address(self) -> ServerAddress:
+        """The server in use: the one that answered last."""
+        return self.addresses[self._current]
+
     def fetch(self, request: Request) -> Answer:
-        """Send one protocol request to this locker's server."""
-        return fetch(self.address, request)
+        """Send one protocol request to this locker's server.
+
+        With several servers (of one cluster), one that cannot be reached
+        is passed over for the next, which is kept while it answers.
+        """
+        first = self._current
+        count = len(self.addresses)
+        for step in range(count):
+            index = (first + step) % count
+            try:
+                answer = fetch(self.addresses[index], request, self.secret, self.ssl_context)
+            except ServerUnreachable as error:
+                if error.connected or step == count - 1:
+                    raise  # it was reached: the request may have been carried out
+                continue
+            self._current = index
+            return answer
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def release(self, pool: str, host: str, session: str | None = None) -> None:
         """Tell the server that the holder (``host``, ``session``) no longer

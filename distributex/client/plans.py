@@ -97,7 +97,8 @@ def acquire_plan(pool: str, host: str, *, clock: Callable[[], float],
                  session: str | None = None) -> Generator[Step, Answer | None, Grant]:
     """Obtain the lock: one ``/get/`` with ``nowait``, else a ``/wait/``.
 
-    An unreachable server is retried with backoff until ``timeout`` passes
+    An unreachable server, or one that answers ``ERROR``, is retried with
+    backoff until ``timeout`` passes
     (without one, until it has been out of reach for
     :data:`UNREACHABLE_PATIENCE`); with ``nowait`` it is tried once.
     Raises :class:`LockBusy`, :class:`LockTimeout`, :class:`ServerUnreachable`,
@@ -107,6 +108,7 @@ def acquire_plan(pool: str, host: str, *, clock: Callable[[], float],
     deadline = None if timeout is None else started + timeout
     backoff = Backoff()
     failing_since = None
+    failure = ""
     tries = 0
     while True:
         sent = clock()
@@ -118,16 +120,21 @@ def acquire_plan(pool: str, host: str, *, clock: Callable[[], float],
             result = verdict(answer)
             if result == "NO" and answer.status == 503:
                 raise ServerUnreachable("the server is shutting down", connected=True)
-        except ServerUnreachable as error:
-            if failing_since is None or error.connected:
+        except (ServerUnreachable, ServerError) as error:
+            # ERROR (the server's backend is away for a moment) is retried as
+            # an unreachable server is, its patience counted from the first.
+            if failing_since is None or (isinstance(error, ServerUnreachable)
+                                         and error.connected):
                 failing_since = clock()
             give_up = deadline if deadline is not None else failing_since + UNREACHABLE_PATIENCE
+            failure = f" (last error: {error})"
             pause = min(backoff.next(), give_up - clock())
             if nowait or pause <= 0:
                 if tries > 1:
-                    raise ServerUnreachable(
-                        f"{error} (tried {tries} times in {clock() - started:.1f} s)",
-                        error.connected) from None
+                    message = f"{error} (tried {tries} times in {clock() - started:.1f} s)"
+                    if isinstance(error, ServerError):
+                        raise ServerError(message) from None
+                    raise ServerUnreachable(message, error.connected) from None
                 raise
             yield Sleep(pause)
             continue
@@ -139,7 +146,8 @@ def acquire_plan(pool: str, host: str, *, clock: Callable[[], float],
         if result == "NO" and nowait:
             raise LockBusy(f"pool {pool!r} is busy")
         if result == "NO" and timeout is not None:
-            raise LockTimeout(f"timed out after {timeout:g} s waiting for pool {pool!r}")
+            raise LockTimeout(f"timed out after {timeout:g} s waiting for pool {pool!r}"
+                              f"{failure}")
         if result == "NO":
             raise LockNotObtained(f"the server answered NO to the wait for pool {pool!r}")
         raise ProtocolError(f"unexpected {result} to {request.path}")

@@ -13,12 +13,14 @@ from __future__ import annotations
 import socket
 
 from distributex import __version__
-from distributex.client.errors import ProtocolError, ServerUnreachable
+from distributex.client.errors import ProtocolError, ServerUnreachable, TLSFailure
 from distributex.client.plans import REQUEST_TIMEOUT
 from distributex.client.protocol import Answer
 
 TYPE_CHECKING = False  # importing typing would slow the wrapper's start; mypy sees True.
 if TYPE_CHECKING:
+    import ssl
+
     from distributex.client.address import ServerAddress
     from distributex.client.protocol import Request
 
@@ -36,36 +38,68 @@ KEEPALIVE_INTERVAL = 10
 KEEPALIVE_COUNT = 3
 
 
-def fetch(address: ServerAddress, request: Request) -> Answer:
+def fetch(address: ServerAddress, request: Request, secret: str | None = None,
+          ssl_context: ssl.SSLContext | None = None) -> Answer:
     """Send ``request`` to the server at ``address`` and return its answer.
 
     Raises :class:`ServerUnreachable` when the server cannot be reached or
     does not answer within ``request.timeout``, :class:`ProtocolError` when
-    what comes back is not HTTP.
+    what comes back is not HTTP, :class:`TLSFailure` when the TLS handshake
+    fails (a certificate that does not verify, or a missing client one).
+    ``secret`` goes as ``Authorization: Bearer``; ``ssl_context`` verifies
+    an https server (default: the system's certificate store).
     """
+    authorization = f"Authorization: Bearer {secret}\r\n" if secret else ""
     head = (f"GET {request.target(address.prefix)} HTTP/1.1\r\n"
             f"Host: {address.netloc}\r\n"
             f"Accept: text/plain\r\n"
             f"User-Agent: {USER_AGENT}\r\n"
+            f"{authorization}"
             f"Connection: close\r\n\r\n")
     connect_timeout = REQUEST_TIMEOUT if request.timeout is None else min(
         REQUEST_TIMEOUT, request.timeout)
     try:
-        sock = socket.create_connection((address.host, address.port), connect_timeout)
+        sock = _connect(address, connect_timeout)
     except OSError as error:
         raise ServerUnreachable(f"cannot reach {address.url}: {_describe(error)}") from None
     try:
-        _keep_alive(sock)
+        if address.scheme != "unix":
+            _keep_alive(sock)
         if address.scheme == "https":
-            sock = _tls(sock, address.host)
+            sock = _tls(sock, address.host, ssl_context, address.url)
         sock.settimeout(request.timeout)
         sock.sendall(head.encode("ascii"))
         return _read_answer(sock)
     except OSError as error:
+        _raise_tls_alert(address, error)
         raise ServerUnreachable(f"no answer from {address.url}: {_describe(error)}",
                                 connected=True) from None
     finally:
         sock.close()
+
+
+def _connect(address: ServerAddress, timeout: float) -> socket.socket:
+    if address.scheme != "unix":
+        return socket.create_connection((address.host, address.port), timeout)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        sock.connect(address.host)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _raise_tls_alert(address: ServerAddress, error: OSError) -> None:
+    # With TLS 1.3 the server refuses a client certificate (or the lack of
+    # one) after the handshake, as an alert on the first read.
+    if address.scheme == "https":
+        import ssl
+
+        if isinstance(error, ssl.SSLError) and "ALERT" in str(error.reason or ""):
+            raise TLSFailure(f"TLS with {address.url} failed: the server refused "
+                             f"this client ({error.reason})") from None
 
 
 def _describe(error: OSError) -> str:
@@ -84,10 +118,19 @@ def _keep_alive(sock: socket.socket) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, option, value)
 
 
-def _tls(sock: socket.socket, hostname: str) -> socket.socket:
+def _tls(sock: socket.socket, hostname: str, context: ssl.SSLContext | None,
+         url: str) -> socket.socket:
     import ssl  # only https users pay for it
 
-    return ssl.create_default_context().wrap_socket(sock, server_hostname=hostname)
+    if context is None:
+        context = ssl.create_default_context()
+    try:
+        return context.wrap_socket(sock, server_hostname=hostname)
+    except ssl.SSLCertVerificationError as error:
+        raise TLSFailure(f"TLS with {url} failed: its certificate "
+                         f"{error.verify_message or error.reason}") from None
+    except ssl.SSLError as error:
+        raise TLSFailure(f"TLS with {url} failed: {error.reason or error}") from None
 
 
 class _Reader:
