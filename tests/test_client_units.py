@@ -498,4 +498,6 @@ def test_usage_errors_exit_with_status_2(argv: List[str],
     with pytest.raises(SystemExit) as exit:
         cli.parse_args(argv)
     assert exit.value.code == 2
-    assert "usage:" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("distributex: ") and err.endswith(" (see distributex --help)\n")
+    assert err.count("\n") == 1

@@ -162,7 +162,7 @@ def _say(message: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=PROG, description=DESCRIPTION, epilog=EPILOG,
         usage="%(prog)s [-H SERVER] -r POOL [options] ('command' | -- ARGV...)",
         formatter_class=_Formatter)
@@ -202,6 +202,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("--key", metavar="FILE", help="the private key of --cert (default: in --cert)")
     add("-V", "--version", action="version", version=f"%(prog)s {__version__}")
     return parser
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line (cron mails it), not argparse's usage line and the error.
+        message = " ".join(message.split())  # an argument's newline stays on the line
+        self.exit(2, f"{PROG}: {message} (see {PROG} --help)\n")
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):

@@ -1,0 +1,165 @@
+"""Contract section 7 against real servers: several servers (-H a,b,c), a
+Unix socket, ERROR at the start retried, access secrets and TLS."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from typing import Any, Dict, Iterator, List
+
+import pytest
+from clientfixtures import (  # noqa: F401  (the fixture dx)
+    CLIENT,
+    LONG,
+    Relay,
+    assert_pool_free,
+    dx_server,
+    hosts,
+    run_client,
+    start_dx,
+)
+from servers import DistributexServer, free_port, wait_until
+
+from distributex.client import Locker
+from distributex.client.errors import ServerError
+
+pytestmark = pytest.mark.timeout(60)
+
+ERROR_ANSWER = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\n"
+                b"Content-Length: 5\r\nConnection: close\r\n\r\nERROR")
+
+
+def client(*args: str, env: Dict[str, str] | None = None,
+           timeout: float = 30) -> subprocess.CompletedProcess:
+    """The command with these arguments only (no -H of its own)."""
+    return subprocess.run([sys.executable, CLIENT, *args], capture_output=True, text=True,
+                          timeout=timeout, env=None if env is None else dict(os.environ, **env))
+
+
+def dead() -> str:
+    """A server that cannot be reached: nothing listens there."""
+    return f"127.0.0.1:{free_port()}"
+
+
+@pytest.fixture
+def relay(dx: DistributexServer) -> Iterator[Relay]:
+    relay = Relay(dx)
+    yield relay
+    relay.close()
+
+
+# -- several servers -----------------------------------------------------------------
+
+def test_the_next_server_is_tried_when_one_cannot_be_reached(dx, tmp_path):
+    ran = tmp_path / "ran"
+    result = client("-H", f"{dead()},127.0.0.1:{dx.port}", "-r", "api",
+                    f"echo $DISTRIBUTEX_HOST > {ran}")
+    assert (result.returncode, result.stderr) == (0, "")
+    assert ran.exists()
+    assert_pool_free(dx, "api")
+
+
+def test_the_server_that_answered_is_kept_for_the_release(dx, relay):
+    locker = Locker(f"{dead()},{relay.url[len('http://'):]}", host="h")
+    with locker.lock("api"):
+        assert locker.address.port == relay.port
+    assert relay.paths() == ["/wait/", "/release/"]
+    assert_pool_free(dx, "api")
+
+
+def test_a_release_falls_over_to_the_next_server(dx, relay):
+    locker = Locker(f"{relay.url},{dx.url}", host="h")
+    held = locker.acquire("api")
+    relay.close()  # the server that granted it goes away; its cluster peer is there
+    assert hosts(dx, "api") == ["h"]
+    held.release()
+    assert locker.address.port == dx.port
+    assert_pool_free(dx, "api")
+
+
+def test_when_no_server_can_be_reached_it_says_so_in_one_line(tmp_path):
+    result = client("-H", f"{dead()},{dead()}", "-E", "3", "-t", "0.5", "-r", "p",
+                    f"touch {tmp_path / 'ran'}")
+    assert result.returncode == 3
+    assert result.stderr.startswith("distributex: cannot reach http://127.0.0.1:")
+    assert result.stderr.count("\n") == 1
+    assert not (tmp_path / "ran").exists()
+
+
+def test_h_given_twice_is_a_usage_error(dx):
+    result = client("-H", "a", "-H", f"127.0.0.1:{dx.port}", "-r", "api", "true")
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "-H given twice" in result.stderr
+
+
+# -- a Unix socket ---------------------------------------------------------------
+
+class UnixServer(DistributexServer):
+    def __init__(self, path: str, workdir: str) -> None:
+        self.path = path
+        super().__init__({"pools": [{"name": "p", "expire": LONG}]}, workdir=workdir,
+                         listen=f"unix:{path}")
+
+    def start(self) -> None:
+        log = open(self.log_path, "ab")
+        from servers import twistd_command
+
+        self.proc = subprocess.Popen(
+            twistd_command() + ["-n", "--pidfile=", "distributex", "-c", self.config_path,
+                                "--listen", self.listen],
+            cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        wait_until(lambda: os.path.exists(self.path), 15, "the Unix socket")
+
+
+@pytest.fixture
+def unix_server(tmp_path: Any) -> Iterator[UnixServer]:
+    server = UnixServer(str(tmp_path / "dx.sock"), str(tmp_path))
+    yield server
+    server.kill()
+
+
+def test_a_server_on_a_unix_socket(unix_server, tmp_path):
+    ran = tmp_path / "ran"
+    result = client("-H", f"unix:{unix_server.path}", "-r", "p", f"touch {ran}")
+    assert (result.returncode, result.stderr) == (0, "")
+    assert ran.exists()
+    locker = Locker(f"unix:{unix_server.path}", host="h")
+    with locker.lock("p") as held:
+        assert held.token > 0
+    assert locker.lock("p", nowait=True).release() is None  # free again
+
+
+def test_a_unix_socket_in_a_list_of_servers(unix_server, tmp_path):
+    result = client("-H", f"unix:{tmp_path / 'nothing.sock'},unix:{unix_server.path}",
+                    "-r", "p", "true")
+    assert (result.returncode, result.stderr) == (0, "")
+
+
+# -- ERROR at the start ----------------------------------------------------------
+
+def test_error_at_the_start_is_retried_until_the_server_recovers(dx, relay):
+    relay.answer = ERROR_ANSWER  # the backend's blip
+    results: List[Any] = []
+    thread = threading.Thread(target=lambda: results.append(
+        Locker(relay.url, host="h").acquire("api", timeout=20)))
+    thread.start()
+    wait_until(lambda: len(relay.paths()) >= 2, what="a retry")
+    relay.answer = None
+    thread.join(30)
+    held = results[0]
+    assert hosts(dx, "api") == ["h"]
+    held.release()
+    assert_pool_free(dx, "api")
+
+
+def test_error_until_the_timeout_is_given_up_on_when_it_passes(relay):
+    relay.answer = ERROR_ANSWER
+    started = time.monotonic()
+    with pytest.raises(ServerError, match=r"server error \(HTTP 503\).*\(tried \d+ times"):
+        Locker(relay.url, host="h").acquire("api", timeout=1)
+    assert 0.9 < time.monotonic() - started < 5
+    assert len(relay.paths()) >= 3  # retried with backoff, not given up at once
