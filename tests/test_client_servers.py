@@ -163,3 +163,74 @@ def test_error_until_the_timeout_is_given_up_on_when_it_passes(relay):
         Locker(relay.url, host="h").acquire("api", timeout=1)
     assert 0.9 < time.monotonic() - started < 5
     assert len(relay.paths()) >= 3  # retried with backoff, not given up at once
+
+
+# -- access secrets ----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dict[str, Any]]:
+    directory = tmp_path_factory.mktemp("secured")
+    files = {}
+    for name, secret in (("cron", "s3cret-cron"), ("wrong", "guess")):
+        path = directory / f"{name}.secret"
+        path.write_text(secret + "\n")
+        os.chmod(path, 0o600)
+        files[name] = str(path)
+    server = start_dx(str(directory), [{"name": "backup", "expire": LONG},
+                                       {"name": "deploy", "expire": LONG}],
+                      access=[{"name": "cron", "secret_file": files["cron"], "role": "client",
+                               "pools": ["backup"]}])
+    yield dict(files, server=server, where=f"127.0.0.1:{server.port}")
+    server.kill()
+
+
+def test_the_auth_file_s_secret_is_sent(secured, tmp_path):
+    result = client("-H", secured["where"], "--auth-file", secured["cron"], "-r", "backup",
+                    f"touch {tmp_path / 'ran'}")
+    assert (result.returncode, result.stderr) == (0, "")
+    assert (tmp_path / "ran").exists()
+
+
+def test_the_auth_file_may_come_from_the_environment(secured):
+    result = client("-H", secured["where"], "-r", "backup", "true",
+                    env={"DISTRIBUTEX_AUTH_FILE": secured["cron"]})
+    assert (result.returncode, result.stderr) == (0, "")
+
+
+@pytest.mark.parametrize("secret, pool, status", [
+    (None, "backup", 401), ("wrong", "backup", 401), ("cron", "deploy", 403),
+])
+def test_a_refused_secret_is_one_line_and_the_conflict_status(secured, tmp_path, secret,
+                                                             pool, status):
+    auth = ["--auth-file", secured[secret]] if secret else []
+    result = client("-H", secured["where"], *auth, "-E", "3", "-r", pool,
+                    f"touch {tmp_path / 'ran'}")
+    assert result.returncode == 3
+    assert result.stderr.startswith(f"distributex: server refused the request (HTTP {status})")
+    assert result.stderr.count("\n") == 1
+    assert not (tmp_path / "ran").exists()
+
+
+def test_an_unreadable_auth_file_is_a_usage_error(secured, tmp_path):
+    result = client("-H", secured["where"], "--auth-file", str(tmp_path / "none"),
+                    "-r", "backup", "true")
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "cannot read the auth file" in result.stderr
+
+
+def test_the_locker_sends_its_secret(secured):
+    locker = Locker(secured["where"], host="h", secret="s3cret-cron")
+    with locker.lock("backup") as held:
+        assert held.token > 0
+
+
+def test_the_twisted_locker_sends_its_secret(secured):
+    from clientfixtures import wait_for
+    from twisted.internet import reactor
+
+    from distributex.client.txlocker import TxLocker
+
+    locker = TxLocker(f"http://{secured['where']}", reactor, host="h", secret="s3cret-cron")
+    held = wait_for(locker.acquire("backup"))
+    assert held.token > 0
+    wait_for(held.release())

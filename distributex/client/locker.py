@@ -55,6 +55,12 @@ class Locker:
 
     ``url`` is ``http[s]://host:port`` (or a bare host name, port 9889);
     ``host`` is the identity sent as holder, by default this machine's FQDN.
+    ``url`` may list several servers of one cluster, ``a,b,c``: one that
+    cannot be reached is passed over for the next, and the one that answered
+    is kept for the renewals and the release; ``unix:/path`` is a server on
+    a Unix socket. ``secret`` is sent as ``Authorization: Bearer`` on every
+    request; ``ssl_context`` verifies https servers (default: the system's
+    certificate store) and may carry a client certificate.
     Each acquisition also sends a fresh random session (``held.session``),
     so two locks taken with one host name, in two threads or two processes,
     exclude each other as locks of two hosts would.

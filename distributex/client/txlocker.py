@@ -91,19 +91,23 @@ class TxLocker:
     acquisition sends a fresh random session (``held.session``), as the
     blocking ``Locker`` does.
 
+    ``secret`` is sent as ``Authorization: Bearer`` on every request.
+
     ``clock`` gives the plans the time (leases, deadlines, retries): a
     monotonic clock by default; a test may pass ``task.Clock().seconds``.
     """
 
     def __init__(self, url: str, reactor: IReactorTime | None = None, *,
                  host: str | None = None, http_client: HTTPClient | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 secret: str | None = None) -> None:
         if reactor is None:
             from twisted.internet import reactor as default_reactor
 
             reactor = default_reactor
         self.address = parse_server(url)
         self.host = host
+        self.secret = secret
         self.clock = clock
         self.reactor = cast(ReactorTime, reactor)
         # Agent's default pool closes each connection after its answer, as the
@@ -180,6 +184,8 @@ class TxLocker:
         """Send one protocol request; a Deferred of the answer."""
         url = self.address.url + request.target()
         headers = Headers({b"Accept": [b"text/plain"], b"User-Agent": [USER_AGENT.encode()]})
+        if self.secret:
+            headers.addRawHeader(b"Authorization", f"Bearer {self.secret}".encode())
         answering: Deferred[Answer] = self._http.get(url, headers=headers).addCallback(
             _read_answer)
         timed_out = []
