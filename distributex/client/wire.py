@@ -127,7 +127,7 @@ def _tls(sock: socket.socket, hostname: str, context: ssl.SSLContext | None,
     try:
         return context.wrap_socket(sock, server_hostname=hostname)
     except ssl.SSLCertVerificationError as error:
-        raise TLSFailure(f"TLS with {url} failed: its certificate "
+        raise TLSFailure(f"TLS with {url} failed: its certificate did not verify: "
                          f"{error.verify_message or error.reason}") from None
     except ssl.SSLError as error:
         raise TLSFailure(f"TLS with {url} failed: {error.reason or error}") from None
