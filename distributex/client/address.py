@@ -112,7 +112,15 @@ def _split(text: str, server: str) -> SplitResult:
 def _hostname(parts: SplitResult, server: str) -> str:
     if not parts.hostname:
         raise ValueError(f"{server!r} names no host")
-    return str(parts.hostname)
+    host = str(parts.hostname)
+    if not host.isascii():
+        try:  # an internationalised name goes on the wire as IDNA
+            host = host.encode("idna").decode("ascii")
+        except UnicodeError:
+            raise ValueError(f"{server!r} names an invalid host") from None
+    if not host.isprintable() or any(c in host for c in " /\\"):
+        raise ValueError(f"{server!r} names an invalid host")
+    return host
 
 
 def _port(parts: SplitResult, server: str) -> int | None:

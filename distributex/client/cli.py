@@ -239,6 +239,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parser.error("give the command as one string or as ARGV after --, not both")
     if command_argv == [] or (command_argv is None and not options.command):
         parser.error("no command given")
+    for option, value in (("-r", options.pool), ("--id", options.id),
+                          ("--label", options.label)):
+        if value is not None and not _sendable(value):
+            parser.error(f"{option} {value!r} is not valid text (UTF-8, no NUL)")
     if options.server is None and options.port is not None:
         parser.error("-p needs -H")
     options.addresses = None
@@ -277,11 +281,19 @@ class _Once(argparse.Action):
         setattr(namespace, self.dest, values)
 
 
+def _sendable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # bytes of another encoding, as surrogate escapes
+        return False
+    return "\0" not in text
+
+
 def _read_secret(parser: argparse.ArgumentParser, path: str) -> str:
     try:
         with open(path, encoding="utf-8") as f:
             secret = f.read().strip()
-    except (OSError, UnicodeDecodeError) as error:
+    except (OSError, ValueError) as error:  # ValueError: a NUL in the path, not UTF-8
         reason = getattr(error, "strerror", None) or str(error)
         parser.error(f"cannot read the auth file {path!r}: {reason}")
     if not secret or any(c in secret for c in "\r\n\0") or not secret.isprintable():
