@@ -278,3 +278,21 @@ def test_a_waiter_whose_place_memcached_lost_is_served_after_the_lock_delay(clus
     # Its place went with memcached's data; its server queues it again and
     # the pool grants it once the lock-delay has passed.
     assert waiter.result(timeout=40).body == b"YES"
+
+
+def test_waiters_of_two_pools_on_one_server_stay_in_their_own_queues(start_server):
+    # The poller once gave every pool the last pool's tickets to queue again:
+    # a waiter for one pool then waited, and was granted, in every pool.
+    server = start_server([{"name": "pool1", "expire": 30}, {"name": "pool2", "expire": 30}], backend="memcache")
+    for pool in ("pool1", "pool2"):
+        assert server.call("get", pool=pool, host="holder").body == b"YES"
+    first = Waiter(server, "w1", "pool1")
+    second = Waiter(server, "w2", "pool2")
+    wait_until(lambda: [w["host"] for w in server.status("pool2")["waiters"]] == ["w2"], timeout=10)
+    time.sleep(0.5)  # ten polls
+    assert [w["host"] for w in server.status("pool1")["waiters"]] == ["w1"]
+    assert [w["host"] for w in server.status("pool2")["waiters"]] == ["w2"]
+    server.call("release", pool="pool1", host="holder")
+    assert first.result().body == b"YES"
+    server.call("release", pool="pool2", host="holder")
+    assert second.result().body == b"YES"

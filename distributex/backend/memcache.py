@@ -1007,7 +1007,9 @@ class MemcacheBackend(Backend):
             self._polling.add(name)
             owed = [t for t, pool in self._orphans.items() if pool == name]
             mine = [t for t in self._queued.values() if t.id in self._tickets and self._tickets[t.id].pool == name]
-            d = self._leave(name, owed) if owed else self._apply(name, lambda p, now: _requeue(p, mine, now))
+            # mine=mine: each pool's own tickets (a closure would see the last pool's).
+            d = self._leave(name, owed) if owed else self._apply(
+                name, lambda p, now, mine=mine: _requeue(p, mine, now))  # type: ignore[misc]
             d.addErrback(self._poll_failed, name)
             d.addBoth(self._polled, name)
 
