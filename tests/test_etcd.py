@@ -3,6 +3,7 @@ cluster form one lock service. Real twistd servers, real etcd (tests/etcdcluster
 
 from __future__ import annotations
 
+import base64
 import os
 import signal
 import socket
@@ -208,6 +209,15 @@ def test_a_reset_answers_the_waiters_of_every_server_409(cluster):
     assert b.call("get", pool="p", host="next").body == b"YES"
 
 
+def test_a_reset_answers_a_lone_waiter_on_another_server_409(cluster):
+    a, b = cluster()
+    a.call("get", pool="p", host="holder")
+    waiter = Waiter(b, "wb")
+    queued(a, 1)
+    assert a.call("reset", method="POST", pool="p").status == 200
+    assert waiter.result().status == 409
+
+
 def test_two_namespaces_share_one_etcd_without_meeting(cluster):
     (a,) = cluster(1, namespace="one")
     (b,) = cluster(1, namespace="two")
@@ -337,3 +347,16 @@ def test_etcd_without_quorum_answers_error_503_and_grants_nothing(cluster, own_e
     assert wait_until(lambda: a.call("health", http_timeout=30).status == 200, timeout=15)
     assert a.call("get", pool="p", host="other").body == b"NO"
     assert token(a.call("get", pool="p", host="holder")) > 0
+
+
+def test_a_pool_key_lost_from_etcd_starts_a_lock_delay(cluster, etcd_cluster):
+    (a,) = cluster(1, namespace="lost")
+    first = token(a.call("get", pool="p", host="h1"))
+    key = base64.b64encode(b"lost/pool/p").decode()
+    etcd_cluster.post("/v3/kv/deleterange", {"key": key})  # as a restore from an old backup would
+    answer = a.call("get", pool="p", host="h2", format="json")
+    assert answer.json()["result"] == "NO"
+    assert answer.json()["reason"].startswith("lock-delay until")
+    assert a.status("p")["lock_delay"]["remaining"] > 20
+    assert a.call("get", pool="p", host="h1").body == b"NO"  # the hold it forgot is not renewed either
+    assert first > 0

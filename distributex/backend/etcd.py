@@ -990,8 +990,10 @@ class EtcdBackend(Backend):
             compares.append(mod_is(kv.key, kv.mod_revision))
         # Waiters gone from the queue (granted, left, reset).
         removed = [t for t in loaded_q if t not in state.queue]
-        reset_all = (not state.queue and len(removed) > 1 and full_loaded(view)
-                     and any(e.kind == RESET and e.token is None for s in result.steps for e in s.events))
+        # Waiters dropped by an operator's reset: their servers learn it from
+        # the pool key written in the same revision ("op": "reset").
+        resets = any(e.kind == RESET and e.token is None for s in result.steps for e in s.events)
+        reset_all = resets and not state.queue and len(removed) > 1 and full_loaded(view)
         if reset_all:
             writes.append(delete_op(self._q(name), prefix_end(self._q(name))))
         else:
@@ -1055,7 +1057,7 @@ class EtcdBackend(Backend):
             "b": block if state.blocked_until > result.now else None,
             "ids": list(meta.get("ids", ()))[-(RECENT_IDS - 1):] + [txn_id],
         }
-        if reset_all:
+        if resets:
             value["op"] = "reset"
         writes.append(put_op(key, _dumps(value)))
         if len(writes) > MAX_TXN_OPS or len(compares) > MAX_TXN_OPS:
