@@ -337,3 +337,28 @@ def test_the_locker_takes_an_ssl_context(mutual, pki):
     context.load_cert_chain(pki["client"].cert, pki["client"].key)
     with Locker(https_url(mutual), host="h", ssl_context=context).lock("p") as held:
         assert held.token > 0
+
+
+def test_the_twisted_locker_verifies_and_presents_certificates(mutual, pki):
+    from clientfixtures import wait_for
+    from twisted.internet import reactor
+
+    from distributex.client.txlocker import TxLocker
+
+    locker = TxLocker(https_url(mutual), reactor, host="h", cacert=pki["ca"],
+                      cert=pki["client"].cert, key=pki["client"].key)
+    held = wait_for(locker.acquire("p"))
+    assert held.token > 0
+    wait_for(held.release())
+
+
+def test_the_twisted_locker_refuses_a_server_of_another_ca(https, pki):
+    from clientfixtures import wait_for
+    from twisted.internet import reactor
+
+    from distributex.client.errors import TLSFailure
+    from distributex.client.txlocker import TxLocker
+
+    locker = TxLocker(https_url(https), reactor, host="h", cacert=pki["other"])
+    with pytest.raises(TLSFailure, match="TLS with https://127.0.0.1:"):
+        wait_for(locker.acquire("p", timeout=5))

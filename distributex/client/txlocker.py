@@ -33,10 +33,11 @@ from twisted.web.client import (
     ResponseFailed,
 )
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgent
+from twisted.web.iweb import IAgent, IPolicyForHTTPS
+from zope.interface import implementer
 
 from distributex.client.address import parse_server
-from distributex.client.errors import DistributexError, ServerUnreachable
+from distributex.client.errors import DistributexError, ServerUnreachable, TLSFailure
 from distributex.client.held import Held
 from distributex.client.plans import acquire_plan, drive, release_plan, renewal_plan
 from distributex.client.protocol import Answer, Grant, Request, default_host, new_session
@@ -93,6 +94,10 @@ class TxLocker:
 
     ``secret`` is sent as ``Authorization: Bearer`` on every request.
 
+    An https server is verified against the CA certificates of the PEM
+    file ``cacert`` (default: the system's store); ``cert`` (and ``key``,
+    when the key is not in it) is the client certificate.
+
     ``clock`` gives the plans the time (leases, deadlines, retries): a
     monotonic clock by default; a test may pass ``task.Clock().seconds``.
     """
@@ -100,7 +105,8 @@ class TxLocker:
     def __init__(self, url: str, reactor: IReactorTime | None = None, *,
                  host: str | None = None, http_client: HTTPClient | None = None,
                  clock: Callable[[], float] = time.monotonic,
-                 secret: str | None = None) -> None:
+                 secret: str | None = None, cacert: str | None = None,
+                 cert: str | None = None, key: str | None = None) -> None:
         if reactor is None:
             from twisted.internet import reactor as default_reactor
 
@@ -112,7 +118,13 @@ class TxLocker:
         self.reactor = cast(ReactorTime, reactor)
         # Agent's default pool closes each connection after its answer, as the
         # blocking client does: a lock takes a request every few minutes.
-        self._http = http_client or HTTPClient(cast(IAgent, Agent(reactor)))
+        if http_client is None:
+            if cacert or cert:
+                agent = Agent(reactor, contextFactory=_TLSPolicy(cacert, cert, key))
+            else:
+                agent = Agent(reactor)
+            http_client = HTTPClient(cast(IAgent, agent))
+        self._http = http_client
 
     def acquire(self, pool: str, host: str | None = None, label: str | None = None,
                 timeout: float | None = None, nowait: bool = False) -> Deferred[TxHeldLock]:
@@ -211,6 +223,9 @@ class TxLocker:
             if _cancelled(failure):
                 # Our caller gave up: not an outage, and not to be retried.
                 raise CancelledError()
+            tls = _tls_failure(failure)
+            if tls is not None:
+                raise TLSFailure(f"TLS with {self.address.url} failed: {tls}")
             if failure.check(*_TRANSPORT_ERRORS):
                 raise ServerUnreachable(f"cannot reach {self.address.url}: "
                                         f"{_describe(failure)}",
@@ -313,6 +328,46 @@ def _read_answer(response: Any) -> Generator[Deferred[Any], Any, Answer]:
     headers = {name.decode("latin-1").lower(): values[-1].decode("latin-1")
                for name, values in response.headers.getAllRawHeaders()}
     return Answer(response.code, body, headers)
+
+
+@implementer(IPolicyForHTTPS)
+class _TLSPolicy:
+    """An ``IPolicyForHTTPS``: the server verified against ``cacert`` (or
+    the system's store), ``cert``/``key`` presented as the client's."""
+
+    def __init__(self, cacert: str | None, cert: str | None, key: str | None) -> None:
+        from twisted.internet import ssl
+
+        self._trust: Any = None
+        if cacert:
+            with open(cacert, "rb") as f:
+                self._trust = ssl.trustRootFromCertificates(
+                    [ssl.Certificate.loadPEM(f.read())])
+        self._client: Any = None
+        if cert:
+            with open(cert, "rb") as f:
+                pem = f.read()
+            if key:
+                with open(key, "rb") as f:
+                    pem += b"\n" + f.read()
+            self._client = ssl.PrivateCertificate.loadPEM(pem)
+
+    def creatorForNetloc(self, hostname: bytes, port: int) -> Any:
+        from twisted.internet import ssl
+
+        return ssl.optionsForClientTLS(hostname.decode("ascii"), trustRoot=self._trust,
+                                       clientCertificate=self._client)
+
+
+def _tls_failure(failure: Failure) -> str | None:
+    """What went wrong with TLS, when that is why the request failed."""
+    from OpenSSL.SSL import Error as TLSError
+
+    reasons = getattr(failure.value, "reasons", None) or [failure]
+    for reason in reasons:
+        if reason.check(TLSError):
+            return str(reason.getErrorMessage())
+    return None
 
 
 def _cancelled(failure: Failure) -> bool:
