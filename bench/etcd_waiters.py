@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 from common import (LOOPBACK, Connection, CpuWatch, Processes, Server, cpu_seconds,  # noqa: E402
                     percentiles, print_header, request_bytes)
 from etcdcluster import EtcdCluster  # noqa: E402
-from waiters import Timeout, fd_count, open_connections, raise_nofile  # noqa: E402
+from waiters import Timeout, open_connections, raise_nofile  # noqa: E402
 
 BIG = "big"
 OTHER = "other"

@@ -259,6 +259,8 @@ def test_a_grant_owed_to_a_paused_server_goes_to_the_next_waiter_when_its_lease_
     finally:
         os.kill(b.proc.pid, signal.SIGCONT)
     assert [h["host"] for h in a.status("p")["holders"]] == ["live"]
+    a.call("release", pool="p", host="live")
+    assert frozen.result().body == b"YES"  # awake, it queued again
 
 
 def test_a_paused_servers_waiter_queues_again_when_it_wakes(cluster):

@@ -44,6 +44,15 @@ arrive in a few hundred txns, not 10,000). A write whose fate is unknown
 lists the ids of the last transactions that wrote it, so a retry never
 applies an operation twice.
 
+One round trip per operation: each server remembers the last view it read
+of a pool (a write's txn reads the pool back after its writes, in the same
+round trip), and the watch keeps that view current. An operation is then
+applied to the remembered view and sent as one txn whose compares check the
+view is still the truth; when it is not, the txn's other branch brings the
+fresh state back and the operation is applied again. An operation that
+writes nothing (a /get answered NO) still sends its compares, so every
+answer is linearizable.
+
 Cost: independent of the queue's length (a waiter is one key; an operation
 reads a bounded window of them) and proportional to maxlocks (holders are
 in the pool key). A whole-pool reset and ``/status/`` read the whole queue:
@@ -116,6 +125,17 @@ Failure behaviour:
 - a distributex server is paused (SIGSTOP) for longer than 3 s: the same,
   and when it wakes its waiters queue again at the back.
 
+What etcd needs: ``--auto-compaction-retention`` (every lock operation is
+a new revision, which etcd keeps until compacted; a watch that falls behind
+a compaction is handled), and ``--max-txn-ops`` (default 128) above about
+2 x maxlocks + 16 for a large semaphore (a change that needs more answers
+ERROR and says so). With etcd authentication, the user's role needs
+readwrite on the prefix ``NS/``.
+
+Not done: the keys of pools made on demand stay in etcd once used (about
+100 bytes each; the in-memory backend forgets idle ones); tokens of a pool
+key created afresh rely on the servers' clocks agreeing within 10 s.
+
 Every in-process deadline is on the monotonic clock; the wall clock is used
 only for tokens and the times /status/ shows.
 """
@@ -149,7 +169,6 @@ from distributex.backend.etcd_client import (
     KV,
     Ambiguous,
     EtcdClient,
-    EtcdError,
     NotSent,
     _is_final,
     delete_op,
@@ -164,7 +183,6 @@ from distributex.backend.memory import monotonic_clock
 from distributex.catalog import Catalog
 from distributex.config import DEFAULT_EXPIRE, Config, PoolSpec
 from distributex.pool import (
-    BLOCKED,
     GRANTED,
     RENEWED,
     RESET,
