@@ -362,3 +362,31 @@ def test_the_twisted_locker_refuses_a_server_of_another_ca(https, pki):
     locker = TxLocker(https_url(https), reactor, host="h", cacert=pki["other"])
     with pytest.raises(TLSFailure, match="TLS with https://127.0.0.1:"):
         wait_for(locker.acquire("p", timeout=5))
+
+
+def test_the_twisted_locker_tries_the_next_server_and_keeps_it(dx, relay):
+    from clientfixtures import wait_for
+    from twisted.internet import reactor
+
+    from distributex.client.txlocker import TxLocker
+
+    locker = TxLocker(f"{dead()},{relay.url[len('http://'):]}", reactor, host="h")
+    held = wait_for(locker.acquire("api"))
+    assert locker.address.port == relay.port
+    wait_for(held.release())
+    assert relay.paths() == ["/wait/", "/release/"]
+    assert_pool_free(dx, "api")
+
+
+def test_the_twisted_locker_s_release_falls_over_to_the_next_server(dx, relay):
+    from clientfixtures import wait_for
+    from twisted.internet import reactor
+
+    from distributex.client.txlocker import TxLocker
+
+    locker = TxLocker(f"{relay.url},{dx.url}", reactor, host="h")
+    held = wait_for(locker.acquire("api"))
+    relay.close()
+    wait_for(held.release())
+    assert locker.address.port == dx.port
+    assert_pool_free(dx, "api")

@@ -36,7 +36,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IPolicyForHTTPS
 from zope.interface import implementer
 
-from distributex.client.address import parse_server
+from distributex.client.address import ServerAddress, parse_servers
 from distributex.client.errors import DistributexError, ServerUnreachable, TLSFailure
 from distributex.client.held import Held
 from distributex.client.plans import acquire_plan, drive, release_plan, renewal_plan
@@ -98,6 +98,9 @@ class TxLocker:
     file ``cacert`` (default: the system's store); ``cert`` (and ``key``,
     when the key is not in it) is the client certificate.
 
+    ``url`` may list several servers of one cluster, ``a,b,c``, as for
+    :class:`~distributex.client.locker.Locker`.
+
     ``clock`` gives the plans the time (leases, deadlines, retries): a
     monotonic clock by default; a test may pass ``task.Clock().seconds``.
     """
@@ -111,7 +114,11 @@ class TxLocker:
             from twisted.internet import reactor as default_reactor
 
             reactor = default_reactor
-        self.address = parse_server(url)
+        self.addresses = parse_servers(url)
+        if any(address.scheme == "unix" for address in self.addresses):
+            raise ValueError("TxLocker does not speak to Unix sockets yet; use Locker")
+        # The server that answered last: used until it cannot be reached.
+        self._current = 0
         self.host = host
         self.secret = secret
         self.clock = clock
@@ -192,9 +199,41 @@ class TxLocker:
         held.check()
         return result
 
+    @property
+    def address(self) -> ServerAddress:
+        """The server in use: the one that answered last."""
+        return self.addresses[self._current]
+
     def fetch(self, request: Request) -> Deferred[Answer]:
-        """Send one protocol request; a Deferred of the answer."""
-        url = self.address.url + request.target()
+        """Send one protocol request; a Deferred of the answer.
+
+        With several servers (of one cluster), one that cannot be reached
+        is passed over for the next, which is kept while it answers.
+        """
+        first = self._current
+        count = len(self.addresses)
+
+        def attempt(step: int) -> Deferred[Answer]:
+            index = (first + step) % count
+
+            def answered(answer: Answer) -> Answer:
+                self._current = index
+                return answer
+
+            def failed(failure: Failure) -> Deferred[Answer] | Failure:
+                error = failure.value
+                if (isinstance(error, ServerUnreachable) and not error.connected
+                        and step < count - 1):
+                    return attempt(step + 1)
+                return failure
+
+            return self._fetch_from(self.addresses[index], request).addCallbacks(
+                answered, failed)
+
+        return attempt(0)
+
+    def _fetch_from(self, address: ServerAddress, request: Request) -> Deferred[Answer]:
+        url = address.url + request.target()
         headers = Headers({b"Accept": [b"text/plain"], b"User-Agent": [USER_AGENT.encode()]})
         if self.secret:
             headers.addRawHeader(b"Authorization", f"Bearer {self.secret}".encode())
@@ -218,16 +257,16 @@ class TxLocker:
 
         def unreachable(failure: Failure) -> Failure:
             if timed_out:
-                raise ServerUnreachable(f"no answer from {self.address.url} in "
+                raise ServerUnreachable(f"no answer from {address.url} in "
                                         f"{request.timeout:g} s")
             if _cancelled(failure):
                 # Our caller gave up: not an outage, and not to be retried.
                 raise CancelledError()
             tls = _tls_failure(failure)
             if tls is not None:
-                raise TLSFailure(f"TLS with {self.address.url} failed: {tls}")
+                raise TLSFailure(f"TLS with {address.url} failed: {tls}")
             if failure.check(*_TRANSPORT_ERRORS):
-                raise ServerUnreachable(f"cannot reach {self.address.url}: "
+                raise ServerUnreachable(f"cannot reach {address.url}: "
                                         f"{_describe(failure)}",
                                         connected=not failure.check(*_CONNECT_ERRORS))
             return failure
