@@ -278,6 +278,22 @@ def test_a_paused_servers_waiter_queues_again_when_it_wakes(cluster):
     assert sleeper.result().body == b"YES"
 
 
+def test_a_grant_to_a_dead_servers_waiter_claimed_by_a_renewal_is_kept(cluster):
+    # Found by bench/etcd_chaos.py: the client whose server died asks again
+    # elsewhere and is renewed; the grant must not be given back when the
+    # dead server's lease ends.
+    a, b = cluster(pools=[{"name": "p", "expire": 30, "maxlocks": 1}])
+    a.call("get", pool="p", host="holder")
+    Waiter(b, "h", session="s1")
+    queued(a, 1)
+    b.kill()
+    a.call("release", pool="p", host="holder")  # granted to the dead server's waiter
+    assert a.call("get", pool="p", host="h", session="s1").body == b"YES"  # the client, again
+    time.sleep(4.5)  # the dead server's etcd lease (3 s) has ended
+    assert a.call("get", pool="p", host="other").body == b"NO"
+    assert [h["host"] for h in a.status("p")["holders"]] == ["h"]
+
+
 def test_a_dead_servers_holders_keep_their_lease(cluster):
     a, b = cluster(pools=[{"name": "p", "expire": 2}])
     granted = time.monotonic()

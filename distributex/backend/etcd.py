@@ -1069,7 +1069,10 @@ class EtcdBackend(Backend):
                 (h.host, h.session, h.token, h.renewals), result.now)
             holders.append([h.host, h.session, h.label, h.token, h.renewals,
                             wall - (result.now - h.granted_at), lease_len, h.ticket, h.server,
-                            1 if h.token in grants else 0, h.origin])
+                            # Pending: granted to a waiter that nobody has told yet. A
+                            # renewal (the holder asked again, through any server)
+                            # means it was told: never given back as an orphan.
+                            1 if h.token in grants and h.renewals == 0 else 0, h.origin])
         value: Dict[str, Any] = {
             "v": VERSION, "tok": state.last_token, "seq": seq, "lo": new_lo, "n": n, "h": holders,
             "b": block if state.blocked_until > result.now else None,
