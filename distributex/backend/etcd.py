@@ -89,7 +89,9 @@ every second) for its waiter and answer keys, so etcd itself drops the
 places of a server that died within about 3 s; the other servers see the
 keys go and hand the slot on. A grant made for a dead server's waiter (its
 answer key vanished with the lease while the hold still says "pending") is
-given back by the next transaction on the pool. Holds are not bound to any
+given back by the next transaction on the pool, unless the holder has
+renewed it meanwhile (its client asked again through another server and
+was told YES): a renewal clears "pending". Holds are not bound to any
 server's lease: they live ``expire`` seconds, as the contract says, whoever
 granted them. A server whose own lease ended (it was cut off from etcd for
 longer than the TTL) takes a new one and queues its open /wait again.
