@@ -237,8 +237,11 @@ class Pool:
         elif answer is None or answer.kind == GRANTED:
             # A grant nobody was told of is given back; a renewal at the
             # head of the queue was of a hold granted to another request.
+            # A hold renewed since its grant has been told of: its holder
+            # asked again (through another request or server) and was
+            # answered YES, so it is not given back.
             for hold in self.state.holders.values():
-                if hold.ticket == ticket_id:
+                if hold.ticket == ticket_id and hold.renewals == 0:
                     del self.state.holders[hold.key]
                     step.events.append(Event(RELEASED, self.spec.name, hold.host, hold.label, hold.token,
                                              ticket_id, now, hold.session, hold.origin))

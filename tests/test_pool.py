@@ -650,3 +650,17 @@ def test_a_grant_that_lapsed_before_it_was_delivered_comes_back_lapsed():
     answers = pool.take_answers("s2", T0 + 12)
     assert [a.kind for a in answers.values()] == [LAPSED]
     assert pool.state.answers == {}
+
+
+def test_a_departed_waiters_grant_is_not_given_back_once_its_holder_renewed_it():
+    # The waiter's server died before telling it; the client asked again
+    # (the same session, through another server) and was told YES: the
+    # dead server's ticket leaving must not release what is now known held.
+    pool = _shared_pool()
+    pool.get("a", "", T0)
+    pool.wait(Ticket("s2.1", "b", "", T0, "s2", "sess"), T0)
+    pool.release("a", T0 + 1)  # granted to b's ticket, owed to s2
+    renewed = pool.get("b", "", T0 + 2, "s3", "sess")  # b asks again elsewhere: YES, renewed
+    assert renewed.hold is not None
+    pool.leave("s2.1", T0 + 3)  # s2's ticket goes (its server died)
+    assert [h.host for h in pool.state.holders.values()] == ["b"]
