@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import yaml
-from servers import DistributexServer, free_port, http, twistd_command, wait_for_port
+from servers import DistributexServer, free_port, http, twistd_command, wait_for_port, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -115,6 +115,9 @@ def test_sigterm_under_twist_exits_zero(tmp_path, processes):
     server = processes(twist_command() + ["distributex", "-c", config,
                                           "--listen", f"tcp:{port}:interface=127.0.0.1"],
                        cwd=str(tmp_path), port=port)
+    # The port listens before the reactor runs: a SIGTERM then would meet the
+    # default action, not the server. Wait for an answer first.
+    wait_until(lambda: _answers(port), timeout=15, what="the server to answer")
     assert server.terminate() == 0
 
 
@@ -262,3 +265,13 @@ def test_pool_events_are_logged(tmp_path):
         assert f"pool=pool1 released host=web3 token={token}" in log
     finally:
         server.kill()
+
+
+def _answers(port):
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
