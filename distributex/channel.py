@@ -62,6 +62,10 @@ DEFAULT_MAX_CONNECTIONS_PER_CLIENT = 1000
 #: (the state file, memcached connections, logs, a new admin connection):
 #: past RLIMIT_NOFILE minus this, new connections are answered 503 at once.
 DEFAULT_RESERVED_FDS = 64
+#: After a refusal is written, the connection is cut outright if the peer
+#: has not closed it by then: over TLS a clean close waits for the peer's
+#: close_notify, which a hostile or naive client never sends.
+REFUSAL_LINGER = 2.0
 
 _STATUS_TEXT = {400: b"Bad Request", 408: b"Request Timeout", 413: b"Content Too Large",
                 415: b"Unsupported Media Type", 431: b"Request Header Fields Too Large",
@@ -180,7 +184,13 @@ class DistributexChannel(HTTPChannel):
         self.setRawMode()
         self.dataReceived = self.rawDataReceived = lambda data: None  # type: ignore[method-assign]
         self.transport.write(refusal(status, reason))  # type: ignore[union-attr]
-        self.transport.loseConnection()  # type: ignore[union-attr]
+        _close_after_refusal(self.transport, self.loseConnection, self.callLater)
+
+
+def _close_after_refusal(transport: Any, lose: Any, call_later: Any) -> None:
+    """Close cleanly (the refusal is delivered), cut it after REFUSAL_LINGER."""
+    lose()
+    call_later(REFUSAL_LINGER, lambda: transport.connected and transport.abortConnection())
 
 
 def _keepalive(transport: Any) -> None:
@@ -198,12 +208,14 @@ def _keepalive(transport: Any) -> None:
 class _Refuse(Protocol):
     """Answers 503 and closes: the server is at a connection limit."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, call_later: Any) -> None:
         self.reason = reason
+        self.call_later = call_later
 
     def connectionMade(self) -> None:
         self.transport.write(refusal(503, self.reason))  # type: ignore[union-attr]
-        self.transport.loseConnection()  # type: ignore[union-attr]
+        _close_after_refusal(self.transport, self.transport.loseConnection,  # type: ignore[union-attr]
+                             self.call_later)
 
 
 class ConnectionLimits:
@@ -215,15 +227,20 @@ class ConnectionLimits:
         soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         self.total = max(1, soft - reserved_fds) if soft != resource.RLIM_INFINITY else 1 << 30
         self.open = 0
+        self.refused = 0
         self.by_address: Dict[str, int] = {}
 
-    def refusal(self, address: Optional[str]) -> Optional[Protocol]:
+    def refusal(self, address: Optional[str], call_later: Any) -> Optional[Protocol]:
         """None to accept, else the protocol that refuses."""
+        reason = None
         if self.open >= self.total:
-            return _Refuse("server at its connection limit")
-        if address is not None and self.by_address.get(address, 0) >= self.per_client:
-            return _Refuse(f"more than {self.per_client} connections from {address}")
-        return None
+            reason = "server at its connection limit"
+        elif address is not None and self.by_address.get(address, 0) >= self.per_client:
+            reason = f"more than {self.per_client} connections from {address}"
+        if reason is None:
+            return None
+        self.refused += 1
+        return _Refuse(reason, call_later)
 
     def opened(self, address: Optional[str]) -> None:
         self.open += 1

@@ -22,6 +22,8 @@ The metrics (all prefixed ``distributex_``):
 - ``oldest_hold_seconds{pool}``: gauge, the age of the oldest hold (a stuck job);
 - ``lock_delay_seconds{pool}``: gauge, the time left of a lock-delay;
 - ``backend_errors_total``: requests answered ERROR (the store was out of reach);
+- ``connections``: client connections open now; ``connections_refused_total``:
+  connections answered 503 at once, at a connection limit (contract section 6);
 - ``process_*``: CPU, memory, file descriptors (prometheus_client's own).
 
 On a shared backend, a server counts what it saw: the events it applied,
@@ -40,6 +42,7 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
 from distributex.catalog import PoolSpec
+from distributex.channel import ConnectionLimits
 from distributex.pool import EXPIRED, GRANTED, LEFT, QUEUED, RELEASED, RENEWED, RESET, Event
 
 #: Wait times span a handoff (microseconds) to a cron job queued for hours.
@@ -53,8 +56,10 @@ class PoolMetrics:
 
     def __init__(self, find: Callable[[str], Optional[PoolSpec]],
                  lock_delays: Callable[[], Dict[str, float]] = dict,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 connections: Optional[ConnectionLimits] = None) -> None:
         self.find = find
+        self.connections = connections if connections is not None else ConnectionLimits()
         self.clock = clock
         self.registry = CollectorRegistry(auto_describe=True)
         ProcessCollector(registry=self.registry)
@@ -189,4 +194,11 @@ class _Families(Collector):
                                      "Requests answered ERROR because the backend was out of reach")
         errors.add_metric([], m.backend_errors)
         yield errors
+        opened = GaugeMetricFamily("distributex_connections", "Client connections open now")
+        opened.add_metric([], m.connections.open)
+        yield opened
+        refused = CounterMetricFamily("distributex_connections_refused",
+                                      "Connections answered 503 at once, at a connection limit")
+        refused.add_metric([], m.connections.refused)
+        yield refused
 

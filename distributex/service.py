@@ -271,7 +271,8 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     except StateFileError as e:
         _stop(str(e))
     hub = EventHub(reactor)
-    metrics = PoolMetrics(lambda name: top.config.pools.find(name), backend.lock_delays)
+    limits = ConnectionLimits(config.max_connections_per_client, config.reserved_fds)
+    metrics = PoolMetrics(lambda name: top.config.pools.find(name), backend.lock_delays, connections=limits)
     for observer in (event_log.record, hub.record, metrics.record):
         backend.observers.append(observer)
     resource = DistributexResource(backend, config.pools, reactor, on_backend_error=metrics.count_backend_error,
@@ -280,8 +281,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     backend.setServiceParent(top)
     Operators(backend, lambda: top.config.pools, hub, metrics, reactor).install(resource)
 
-    site = DistributexSite(resource, access_log=options["access-log"],
-                           limits=ConnectionLimits(config.max_connections_per_client, config.reserved_fds))
+    site = DistributexSite(resource, access_log=options["access-log"], limits=limits)
     for description in options.endpoints():
         try:
             endpoint = serverFromString(reactor, description)

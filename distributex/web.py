@@ -556,7 +556,7 @@ class DistributexSite(Site):
 
     def buildProtocol(self, addr: Any) -> Any:
         address = getattr(addr, "host", None)
-        refused = self.limits.refusal(address)
+        refused = self.limits.refusal(address, self.reactor.callLater)
         if refused is not None:
             log.info("refusing a connection from {address}: at a connection limit", address=address)
             return refused

@@ -2,7 +2,7 @@ import uuid
 
 import pytest
 
-from servers import DistributexServer, Memcached
+from servers import DistributexServer, Memcached, Tls
 
 BACKENDS = ["inmemory", "memcache", "etcd"]
 
@@ -23,12 +23,28 @@ def own_memcached():
     server.kill()
 
 
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory):
+    """Throwaway CAs and certificates (tests/tlscerts.py)."""
+    from tlscerts import Pki
+
+    return Pki(str(tmp_path_factory.mktemp("pki")))
+
+
 @pytest.fixture
 def start_server(request, tmp_path):
-    """Start real distributex servers: start_server(pools, backend=..., **config)."""
+    """Start real distributex servers: start_server(pools, backend=..., **config).
+
+    A backend named with "+https" (say "inmemory+https") is that backend
+    served over HTTPS with a certificate of the test CA."""
     started = []
 
     def start(pools, backend="inmemory", memcache=None, **config):
+        backend, _, transport = backend.partition("+")
+        tls = None
+        if transport == "https":
+            pki = request.getfixturevalue("pki")
+            tls = Tls(pki.server.cert, pki.server.key, pki.ca.pair.cert)
         config = dict(config, pools=pools, backend=backend)
         if backend == "memcache":
             mc = memcache or request.getfixturevalue("memcached")
@@ -40,7 +56,7 @@ def start_server(request, tmp_path):
             config.setdefault("namespace", f"t{uuid.uuid4().hex}")
         workdir = tmp_path / f"server{len(started)}"
         workdir.mkdir()
-        server = DistributexServer(config, workdir=str(workdir))
+        server = DistributexServer(config, workdir=str(workdir), tls=tls)
         started.append(server)
         return server
 

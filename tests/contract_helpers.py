@@ -1,6 +1,6 @@
 """What the HTTP tests share: raw requests that stay open, and the short calls."""
 
-import socket
+import ssl
 import time
 import urllib.parse
 
@@ -16,35 +16,35 @@ class RawRequest:
     def __init__(self, server, path, method="GET", query=None, **params):
         if query is None:
             query = urllib.parse.urlencode(params)
-        self.sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        self.sock = server.connect()
         self.sock.sendall(f"{method} /{path}/?{query} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                           "Connection: close\r\n\r\n".encode())
         self.data = b""
         self.closed = False
 
+    def _read(self, timeout):
+        """Read what arrives within `timeout` (a TLS socket cannot peek)."""
+        self.sock.settimeout(timeout)
+        try:
+            chunk = self.sock.recv(65536)
+        except (TimeoutError, BlockingIOError, ssl.SSLWantReadError):
+            return False
+        if chunk:
+            self.data += chunk
+        else:
+            self.closed = True
+        return True
+
     def answered(self, within=0.0):
         """True if the server answered (or closed) within `within` seconds."""
-        self.sock.settimeout(within if within > 0 else 0.001)
-        try:
-            self.sock.recv(1, socket.MSG_PEEK)  # b"" if closed: that counts too
-        except (TimeoutError, BlockingIOError):
-            return False
-        return True
+        return bool(self.data) or self.closed or self._read(within if within > 0 else 0.001)
 
     def answer(self, timeout=10.0):
         deadline = time.monotonic() + timeout
-        while True:
+        while not self.closed:
             remaining = deadline - time.monotonic()
-            if remaining <= 0:
+            if remaining <= 0 or not self._read(remaining):
                 raise AssertionError(f"no answer within {timeout}s")
-            self.sock.settimeout(remaining)
-            try:
-                chunk = self.sock.recv(65536)
-            except TimeoutError:
-                raise AssertionError(f"no answer within {timeout}s") from None
-            if not chunk:
-                break
-            self.data += chunk
         self.sock.close()
         return parse_response(self.data)
 

@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -117,27 +118,42 @@ class Answer:
 
 
 def http(url: str, method: str = "GET", data: Optional[bytes] = None,
-         headers: Optional[Dict[str, str]] = None, timeout: float = 30.0) -> Answer:
+         headers: Optional[Dict[str, str]] = None, timeout: float = 30.0,
+         context: Optional[ssl.SSLContext] = None) -> Answer:
     request = urllib.request.Request(url, data=data, method=method, headers=headers or {})
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as r:
+        with urllib.request.urlopen(request, timeout=timeout, context=context) as r:
             return Answer(r.status, r.read(), {k.lower(): v for k, v in r.headers.items()})
     except urllib.error.HTTPError as e:
         return Answer(e.code, e.read(), {k.lower(): v for k, v in e.headers.items()})
 
 
+class Tls:
+    """A server certificate and key, and the CA file a client trusts them by."""
+
+    def __init__(self, cert: str, key: str, cafile: str) -> None:
+        self.cert = cert
+        self.key = key
+        self.context = ssl.create_default_context(cafile=cafile)
+
+
 class DistributexServer:
-    """A real `twistd -n distributex` on 127.0.0.1, configured from a dict."""
+    """A real `twistd -n distributex` on 127.0.0.1, configured from a dict;
+    over HTTPS when given `tls`."""
 
     def __init__(self, config: Dict[str, Any], workdir: Optional[str] = None,
                  port: Optional[int] = None, extra_args: Tuple[str, ...] = (),
-                 listen: Optional[str] = None) -> None:
+                 listen: Optional[str] = None, tls: Optional[Tls] = None) -> None:
         self.workdir = workdir or tempfile.mkdtemp(prefix="dx-test-")
         self.config_path = os.path.join(self.workdir, "distributex.yaml")
         with open(self.config_path, "w") as f:
             yaml.safe_dump(config, f)
         self.port = port or free_port()
-        self.listen = listen or f"tcp:{self.port}:interface=127.0.0.1"
+        self.tls = tls
+        if listen is None:
+            listen = (f"tcp:{self.port}:interface=127.0.0.1" if tls is None else
+                      f"ssl:{self.port}:interface=127.0.0.1:privateKey={tls.key}:certKey={tls.cert}")
+        self.listen = listen
         self.extra_args = extra_args
         # A command the server runs under, such as faketime; set before start().
         self.prefix: Tuple[str, ...] = ()
@@ -148,7 +164,20 @@ class DistributexServer:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'http' if self.tls is None else 'https'}://127.0.0.1:{self.port}"
+
+    def connect(self, timeout: float = 10.0) -> socket.socket:
+        """A connection to the server, TLS already negotiated if it speaks TLS."""
+        sock = socket.create_connection(("127.0.0.1", self.port), timeout=timeout)
+        if self.tls is None:
+            return sock
+        return self.tls.context.wrap_socket(sock, server_hostname="127.0.0.1")
+
+    def http(self, path_and_query: str, method: str = "GET", data: Optional[bytes] = None,
+             headers: Optional[Dict[str, str]] = None, timeout: float = 30.0) -> Answer:
+        """One request to this server, `path_and_query` starting with a slash."""
+        return http(self.url + path_and_query, method=method, data=data, headers=headers, timeout=timeout,
+                    context=None if self.tls is None else self.tls.context)
 
     def start(self) -> None:
         log = open(self.log_path, "ab")
@@ -164,7 +193,18 @@ class DistributexServer:
              headers: Optional[Dict[str, str]] = None, **params: Any) -> Answer:
         """One request; params go in the query string (`timeout` is /wait's)."""
         query = urllib.parse.urlencode({k: v for k, v in params.items() if v is not None})
-        return http(f"{self.url}/{path}/?{query}", method=method, headers=headers, timeout=http_timeout)
+        return self.http(f"/{path}/?{query}", method=method, headers=headers, timeout=http_timeout)
+
+    def metric(self, name: str) -> float:
+        """One unlabelled sample of /metrics, parsed by prometheus_client."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        text = self.http("/metrics", timeout=10).text
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == name and not sample.labels:
+                    return sample.value
+        raise KeyError(name)
 
     def status(self, pool: str) -> Dict[str, Any]:
         return self.call("status", pool=pool, format="json").json()["pools"][0]

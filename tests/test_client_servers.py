@@ -21,7 +21,8 @@ from clientfixtures import (  # noqa: F401  (the fixture dx)
     run_client,
     start_dx,
 )
-from servers import DistributexServer, free_port, wait_until
+from servers import DistributexServer, Tls, free_port, wait_until
+from tlscerts import Pki
 
 from distributex.client import Locker
 from distributex.client.errors import ServerError
@@ -238,28 +239,14 @@ def test_the_twisted_locker_sends_its_secret(secured):
 
 # -- TLS -------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Dict[str, Any]:
-    from tlscerts import Authority
-
-    directory = str(tmp_path_factory.mktemp("pki"))
-    ca = Authority(directory, "dx-ca")
-    other = Authority(directory, "other-ca")
-    return {"ca": ca.pair.cert, "other": other.pair.cert, "server": ca.issue("server"),
-            "client": ca.issue("client", server=False), "expired": ca.issue("expired", expired=True)}
-
-
-def tls_server(directory: str, pki: Dict[str, Any], cert: str = "server",
-               **config: Any) -> DistributexServer:
-    port = free_port()
-    pair = pki[cert]
-    return DistributexServer(
-        dict(config, pools=[{"name": "p", "expire": LONG}]), workdir=directory, port=port,
-        listen=f"ssl:{port}:interface=127.0.0.1:privateKey={pair.key}:certKey={pair.cert}")
+def tls_server(directory: str, pki: Pki, cert: str = "server", **config: Any) -> DistributexServer:
+    pair = getattr(pki, cert)
+    return DistributexServer(dict(config, pools=[{"name": "p", "expire": LONG}]), workdir=directory,
+                             tls=Tls(pair.cert, pair.key, pki.ca.pair.cert))
 
 
 @pytest.fixture(scope="module")
-def https(tmp_path_factory: pytest.TempPathFactory, pki: Dict[str, Any]
+def https(tmp_path_factory: pytest.TempPathFactory, pki: Pki
           ) -> Iterator[DistributexServer]:
     server = tls_server(str(tmp_path_factory.mktemp("https")), pki)
     yield server
@@ -267,19 +254,15 @@ def https(tmp_path_factory: pytest.TempPathFactory, pki: Dict[str, Any]
 
 
 @pytest.fixture(scope="module")
-def mutual(tmp_path_factory: pytest.TempPathFactory, pki: Dict[str, Any]
+def mutual(tmp_path_factory: pytest.TempPathFactory, pki: Pki
            ) -> Iterator[DistributexServer]:
-    server = tls_server(str(tmp_path_factory.mktemp("mutual")), pki, tls_client_ca=pki["ca"])
+    server = tls_server(str(tmp_path_factory.mktemp("mutual")), pki, tls_client_ca=pki.ca.pair.cert)
     yield server
     server.kill()
 
 
-def https_url(server: DistributexServer) -> str:
-    return f"https://127.0.0.1:{server.port}"
-
-
 def test_an_https_server_verified_against_the_cacert(https, pki, tmp_path):
-    result = client("-H", https_url(https), "--cacert", pki["ca"], "-r", "p",
+    result = client("-H", https.url, "--cacert", pki.ca.pair.cert, "-r", "p",
                     f"touch {tmp_path / 'ran'}")
     assert (result.returncode, result.stderr) == (0, "")
     assert (tmp_path / "ran").exists()
@@ -294,7 +277,7 @@ def assert_tls_refused(result: subprocess.CompletedProcess, tmp_path: Any, words
 
 
 def test_a_server_of_another_ca_is_refused(https, pki, tmp_path):
-    result = client("-H", https_url(https), "--cacert", pki["other"], "-E", "3", "-r", "p",
+    result = client("-H", https.url, "--cacert", pki.other.pair.cert, "-E", "3", "-r", "p",
                     f"touch {tmp_path / 'ran'}")
     assert_tls_refused(result, tmp_path, "certificate")
 
@@ -302,7 +285,7 @@ def test_a_server_of_another_ca_is_refused(https, pki, tmp_path):
 def test_an_expired_server_certificate_is_refused(pki, tmp_path):
     server = tls_server(str(tmp_path), pki, cert="expired")
     try:
-        result = client("-H", https_url(server), "--cacert", pki["ca"], "-E", "3", "-r", "p",
+        result = client("-H", server.url, "--cacert", pki.ca.pair.cert, "-E", "3", "-r", "p",
                         f"touch {tmp_path / 'ran'}")
     finally:
         server.kill()
@@ -310,21 +293,21 @@ def test_an_expired_server_certificate_is_refused(pki, tmp_path):
 
 
 def test_a_client_certificate_is_presented(mutual, pki, tmp_path):
-    result = client("-H", https_url(mutual), "--cacert", pki["ca"],
-                    "--cert", pki["client"].cert, "--key", pki["client"].key, "-r", "p",
+    result = client("-H", mutual.url, "--cacert", pki.ca.pair.cert,
+                    "--cert", pki.client.cert, "--key", pki.client.key, "-r", "p",
                     f"touch {tmp_path / 'ran'}")
     assert (result.returncode, result.stderr) == (0, "")
     assert (tmp_path / "ran").exists()
 
 
 def test_a_missing_client_certificate_is_refused(mutual, pki, tmp_path):
-    result = client("-H", https_url(mutual), "--cacert", pki["ca"], "-E", "3", "-r", "p",
+    result = client("-H", mutual.url, "--cacert", pki.ca.pair.cert, "-E", "3", "-r", "p",
                     f"touch {tmp_path / 'ran'}")
     assert_tls_refused(result, tmp_path, "refused this client")
 
 
 def test_an_unreadable_cacert_is_a_usage_error(https, tmp_path):
-    result = client("-H", https_url(https), "--cacert", str(tmp_path / "none.pem"), "-r", "p",
+    result = client("-H", https.url, "--cacert", str(tmp_path / "none.pem"), "-r", "p",
                     "true")
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "cannot load --cacert" in result.stderr
@@ -333,9 +316,9 @@ def test_an_unreadable_cacert_is_a_usage_error(https, tmp_path):
 def test_the_locker_takes_an_ssl_context(mutual, pki):
     import ssl
 
-    context = ssl.create_default_context(cafile=pki["ca"])
-    context.load_cert_chain(pki["client"].cert, pki["client"].key)
-    with Locker(https_url(mutual), host="h", ssl_context=context).lock("p") as held:
+    context = ssl.create_default_context(cafile=pki.ca.pair.cert)
+    context.load_cert_chain(pki.client.cert, pki.client.key)
+    with Locker(mutual.url, host="h", ssl_context=context).lock("p") as held:
         assert held.token > 0
 
 
@@ -345,8 +328,8 @@ def test_the_twisted_locker_verifies_and_presents_certificates(mutual, pki):
 
     from distributex.client.txlocker import TxLocker
 
-    locker = TxLocker(https_url(mutual), reactor, host="h", cacert=pki["ca"],
-                      cert=pki["client"].cert, key=pki["client"].key)
+    locker = TxLocker(mutual.url, reactor, host="h", cacert=pki.ca.pair.cert,
+                      cert=pki.client.cert, key=pki.client.key)
     held = wait_for(locker.acquire("p"))
     assert held.token > 0
     wait_for(held.release())
@@ -359,7 +342,7 @@ def test_the_twisted_locker_refuses_a_server_of_another_ca(https, pki):
     from distributex.client.errors import TLSFailure
     from distributex.client.txlocker import TxLocker
 
-    locker = TxLocker(https_url(https), reactor, host="h", cacert=pki["other"])
+    locker = TxLocker(https.url, reactor, host="h", cacert=pki.other.pair.cert)
     with pytest.raises(TLSFailure, match="TLS with https://127.0.0.1:"):
         wait_for(locker.acquire("p", timeout=5))
 

@@ -1,8 +1,7 @@
 """CONTRACT.md section 3, over HTTP, against a real `twistd -n distributex`
-on 127.0.0.1, on every backend."""
+on 127.0.0.1, on every backend, and once over HTTPS (contract section 6)."""
 
 import email.utils
-import socket
 import time
 
 import pytest
@@ -16,11 +15,18 @@ from contract_helpers import (
     wait_for,
     waiters,
 )
-from servers import http, wait_until
+from conftest import BACKENDS
+from servers import wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
 POOL1 = [{"name": "pool1", "expire": 300}]
+
+
+@pytest.fixture(params=[*BACKENDS, "inmemory+https"])
+def backend(request):
+    """Every backend over HTTP, and the in-memory one over HTTPS."""
+    return request.param
 
 
 # -- the 2014 session ---------------------------------------------------------------
@@ -42,7 +48,7 @@ def test_the_2014_curl_session_answers_yes_no_ok_yes_ok(start_server, backend):
 
 def test_every_answer_carries_an_http_date_and_the_server_name(start_server, backend):
     server = start_server(POOL1, backend=backend)
-    for answer in (get(server, "a"), release(server, "a"), http(f"{server.url}/nowhere/", timeout=10)):
+    for answer in (get(server, "a"), release(server, "a"), server.http("/nowhere/", timeout=10)):
         sent = email.utils.parsedate_to_datetime(answer.headers["date"]).timestamp()
         assert abs(sent - time.time()) < 5
         assert answer.headers["server"].startswith("TwistedWeb/")
@@ -198,9 +204,9 @@ def test_status_json(start_server, backend):
 def test_post_with_a_form_body_works_like_get(start_server, backend):
     server = start_server(POOL1, backend=backend)
     form = {"Content-Type": "application/x-www-form-urlencoded"}
-    yes = http(f"{server.url}/get/", method="POST", data=b"pool=pool1&host=a", headers=form, timeout=10)
-    no = http(f"{server.url}/get/", method="POST", data=b"pool=pool1&host=b", headers=form, timeout=10)
-    ok = http(f"{server.url}/release/", method="POST", data=b"pool=pool1&host=a", headers=form, timeout=10)
+    yes = server.http("/get/", method="POST", data=b"pool=pool1&host=a", headers=form, timeout=10)
+    no = server.http("/get/", method="POST", data=b"pool=pool1&host=b", headers=form, timeout=10)
+    ok = server.http("/release/", method="POST", data=b"pool=pool1&host=a", headers=form, timeout=10)
     assert [yes.body, no.body, ok.body] == [b"YES", b"NO", b"OK"]
     assert holders(server) == []
 
@@ -211,7 +217,7 @@ def test_post_with_a_chunked_form_body_works_like_get(start_server, backend):
     request = (b"POST /get/ HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
                b"Content-Type: application/x-www-form-urlencoded\r\nTransfer-Encoding: chunked\r\n\r\n"
                + b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body))
-    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+    with server.connect() as sock:
         sock.sendall(request)
         answer = b""
         while chunk := sock.recv(4096):
@@ -228,7 +234,7 @@ def test_post_with_the_query_string_works_like_get(start_server, backend):
 @pytest.mark.parametrize("path", ["get", "wait", "release", "status"])
 def test_the_trailing_slash_is_optional(start_server, backend, path):
     server = start_server(POOL1, backend=backend)
-    answer = http(f"{server.url}/{path}?pool=pool1&host=a", timeout=10)
+    answer = server.http(f"/{path}?pool=pool1&host=a", timeout=10)
     assert answer.status == 200
     assert answer.body != b"INVALID"
     if path in ("get", "wait"):
@@ -442,7 +448,7 @@ def test_a_host_in_servers_gets_yes(start_server, backend):
 
 
 def raw_query(server, path, query, method="GET"):
-    return http(f"{server.url}/{path}?{query}", method=method, timeout=10)
+    return server.http(f"/{path}?{query}", method=method, timeout=10)
 
 
 def assert_refused_harmlessly(server, requests, status):
@@ -556,7 +562,7 @@ def test_a_wrong_method_gets_405(start_server, backend):
 
 def test_a_head_request_gets_405_and_grants_nothing(start_server, backend):
     server = start_server(POOL1, backend=backend)
-    answer = http(f"{server.url}/get/?pool=pool1&host=a", method="HEAD", timeout=10)
+    answer = server.http("/get/?pool=pool1&host=a", method="HEAD", timeout=10)
     assert answer.status == 405
     assert holders(server) == []
 
@@ -588,7 +594,7 @@ def test_the_reason_header_stays_short_for_a_huge_unknown_pool(start_server, bac
     # answer that common clients refuse to parse (http.client: LineTooLong).
     server = start_server(POOL1, backend=backend)
     body = b"pool=" + b"x" * 100_000
-    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+    with server.connect() as sock:
         sock.sendall(b"POST /status/ HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
                      b"Content-Type: application/x-www-form-urlencoded\r\n"
                      b"Content-Length: %d\r\n\r\n" % len(body) + body)

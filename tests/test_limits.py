@@ -145,16 +145,13 @@ def test_connections_past_the_per_client_cap_get_503_and_holders_are_untouched(s
         w.hang_up()
 
 
-def test_the_server_keeps_descriptors_in_reserve(start_server):
-    import resource
-
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    server = start_server(POOLS, reserved_fds=soft - 8)  # room for 8 connections in all
+def test_metrics_count_open_connections_and_those_refused(start_server):
+    server = start_server(POOLS, max_connections_per_client=2)
     assert get(server, "holder").body == b"YES"
-    open_conns = [RawRequest(server, "wait", pool="pool1", host=f"w{n}") for n in range(8)]
-    time.sleep(0.5)
-    answer = raw(server, b"GET /get/?pool=pool1&host=x HTTP/1.1\r\nHost: x\r\n\r\n")
-    assert (answer.status, answer.body) == (503, b"ERROR")
-    assert "connection limit" in answer.headers["x-distributex-reason"]
-    for conn in open_conns:
-        conn.hang_up()
+    waits = [wait_for(server, host=f"w{n}") for n in range(2)]
+    health = b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    wait_until(lambda: raw(server, health).status == 503)
+    waits[0].hang_up()
+    wait_until(lambda: server.metric("distributex_connections") == 2)  # a wait and the scrape
+    assert server.metric("distributex_connections_refused_total") >= 1
+    waits[1].hang_up()

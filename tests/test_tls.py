@@ -7,36 +7,23 @@ import urllib.error
 import urllib.request
 
 import pytest
-from servers import DistributexServer, free_port
-from tlscerts import Authority
+from servers import DistributexServer, Tls, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
 POOLS = [{"name": "pool1", "expire": 300}]
 
 
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    directory = str(tmp_path_factory.mktemp("pki"))
-    ca = Authority(directory, "dx-ca")
-    other = Authority(directory, "other-ca")
-    return {"ca": ca, "server": ca.issue("server"), "client": ca.issue("client", server=False),
-            "expired": ca.issue("expired", expired=True), "stranger": other.issue("stranger", server=False),
-            "other": other}
-
-
 def tls_server(tmp_path, pki, cert="server", **config):
-    port = free_port()
-    pair = pki[cert]
-    listen = f"ssl:{port}:interface=127.0.0.1:privateKey={pair.key}:certKey={pair.cert}"
-    server = DistributexServer(dict(config, pools=POOLS), workdir=str(tmp_path), port=port, listen=listen)
-    return server
+    pair = getattr(pki, cert)
+    return DistributexServer(dict(config, pools=POOLS), workdir=str(tmp_path),
+                             tls=Tls(pair.cert, pair.key, pki.ca.pair.cert))
 
 
 def context(pki, ca="ca", client=None):
-    ctx = ssl.create_default_context(cafile=pki[ca].pair.cert)
+    ctx = ssl.create_default_context(cafile=getattr(pki, ca).pair.cert)
     if client is not None:
-        ctx.load_cert_chain(pki[client].cert, pki[client].key)
+        ctx.load_cert_chain(getattr(pki, client).cert, getattr(pki, client).key)
     return ctx
 
 
@@ -80,7 +67,7 @@ def test_an_expired_server_certificate_is_refused(tmp_path, pki):
 
 @pytest.fixture
 def mutual(tmp_path, pki):
-    server = tls_server(tmp_path, pki, tls_client_ca=pki["ca"].pair.cert)
+    server = tls_server(tmp_path, pki, tls_client_ca=pki.ca.pair.cert)
     yield server
     server.kill()
 
@@ -97,3 +84,17 @@ def test_a_client_without_a_certificate_is_refused_when_they_are_required(mutual
 def test_a_client_certificate_from_another_ca_is_refused(mutual, pki):
     with pytest.raises((urllib.error.URLError, ssl.SSLError, ConnectionError)):
         get(mutual, "/get/?pool=pool1&host=a", context(pki, client="stranger"))
+
+
+def test_a_refusal_over_tls_ends_the_connection_even_if_the_client_never_closes(https, pki):
+    # A clean TLS close waits for the peer's close_notify; a client that
+    # never sends it must not keep the refused connection open.
+    sock = https.connect()
+    sock.sendall(b"GET /health HTTP/1.1\nHost: x\n\n")  # bare LF: refused at once
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    assert data.startswith(b"HTTP/1.1 400 ")
+    # The socket stays open on this side, its close_notify never answered.
+    wait_until(lambda: https.metric("distributex_connections") == 1, timeout=5)  # the scrape only
+    sock.close()

@@ -72,3 +72,17 @@ class Authority:
             usage = ExtendedKeyUsageOID.CLIENT_AUTH
         builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
         return _write(self.directory, name, builder.sign(self.key, hashes.SHA256()), key)
+
+
+class Pki:
+    """What the TLS tests use: our CA ``ca`` with a server certificate, a
+    client certificate and an expired server certificate; another CA
+    ``other`` with a client certificate of its own (``stranger``)."""
+
+    def __init__(self, directory: str) -> None:
+        self.ca = Authority(directory, "dx-ca")
+        self.other = Authority(directory, "other-ca")
+        self.server = self.ca.issue("server")
+        self.client = self.ca.issue("client", server=False)
+        self.expired = self.ca.issue("expired", expired=True)
+        self.stranger = self.other.issue("stranger", server=False)
