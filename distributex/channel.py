@@ -32,6 +32,8 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.web.http import HTTPChannel
 
+from distributex import lean
+
 log = Logger(namespace="distributex.http")
 
 #: Slowloris: the whole head of a request within this many seconds of its
@@ -97,6 +99,9 @@ class DistributexChannel(HTTPChannel):
     _body_bytes = 0
     _limits: Optional["ConnectionLimits"] = None
     _address: Optional[str] = None
+    #: Plain lock requests go to lean.LeanRequest; off when the site writes
+    #: twisted.web's access log, which needs twisted.web's Request.
+    lean_path = True
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -112,6 +117,11 @@ class DistributexChannel(HTTPChannel):
     # -- the head --------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
+        if self.lean_path and self.line_mode and not self._handlingRequest and not self._buffer and not self._in_head:
+            head = lean.parse(data)
+            if head is not None:
+                self._serve_lean(lean.LeanRequest(self, head))
+                return
         if self.line_mode and not self._in_head and data:
             self._in_head = True
             self._body_bytes = 0
@@ -127,6 +137,17 @@ class DistributexChannel(HTTPChannel):
         # the request would wait for the idle timeout instead of an answer.
         if self.line_mode and b"\n" in self._buffer and not self._refused:
             self._refuse(400, "bare LF line ending: HTTP lines end with CRLF")
+
+    def _serve_lean(self, request: lean.LeanRequest) -> None:
+        """What twisted.web does with a request, for a LeanRequest: the idle
+        timeout is off and later bytes are buffered until requestDone."""
+        self.resetTimeout()
+        self.requests.append(request)
+        if self.timeOut:
+            self._savedTimeOut = self.setTimeout(None)
+        self._handlingRequest = True
+        self.setRawMode()
+        request.process(self.site.resource)  # type: ignore[attr-defined]  # set by Site.buildProtocol
 
     def allHeadersReceived(self) -> None:
         self._cancel_head_timer()

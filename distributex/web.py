@@ -11,7 +11,6 @@ import json
 import math
 import re
 import tempfile
-import time
 from io import BytesIO
 from typing import IO, Any, Callable, Dict, List, Literal, Optional, Tuple, overload
 
@@ -19,7 +18,6 @@ from twisted.internet.defer import CancelledError, TimeoutError
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.http import datetimeToString
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site, version
 from zope.interface import implementer
@@ -28,6 +26,7 @@ from distributex.backend import Backend, BackendUnavailable, QueueFull, Shutting
 from distributex.access import ADMIN, ADMIN_PATHS, OPEN_PATHS, AccessEntry, AccessList
 from distributex.catalog import Catalog, PoolSpec
 from distributex.channel import ConnectionLimits, DistributexChannel
+from distributex.lean import http_date
 from distributex.pool import Hold
 from distributex.status import status_json, status_table
 
@@ -519,22 +518,11 @@ class DistributexRequest(Request):
     def process(self) -> None:
         self.site = self.channel.site  # type: ignore[attr-defined]  # set by Site.buildProtocol
         self.setHeader(b"server", version)
-        self.setHeader(b"date", _http_date())
+        self.setHeader(b"date", http_date())
         try:
             self.render(self.site.resource)
         except BaseException:
             self.processingFailed(Failure())
-
-
-_date_cache: List[Any] = [None, b""]  # [whole second, its HTTP date]
-
-
-def _http_date() -> bytes:
-    """Now as an HTTP date, formatted once a second."""
-    second = int(time.time())
-    if second != _date_cache[0]:
-        _date_cache[:] = [second, datetimeToString(second)]
-    return _date_cache[1]
 
 
 class DistributexSite(Site):
@@ -562,6 +550,7 @@ class DistributexSite(Site):
             return refused
         channel = super().buildProtocol(addr)
         channel._limits, channel._address = self.limits, address
+        channel.lean_path = not self.access_log
         self.limits.opened(address)
         return channel
 
