@@ -227,6 +227,13 @@ LOCK_DELAY_MIN = 2 * TOKEN_FLOOR_MARGIN + 1.0
 RECENT_IDS = 16
 #: The pool key's format.
 VERSION = 1
+#: A grant to one of this server's own waiters whose transaction came back
+#: later than this share of the lease after it was planned (the server was
+#: paused, or etcd slow through an election) is not delivered as it is: the
+#: other servers count the lease from the commit, the client would count it
+#: from its YES. It is confirmed first, renewed in a transaction of its own,
+#: or queued again if its hold has ended meanwhile.
+LATE_GRANT_SHARE = 0.1
 
 
 class _Op:
@@ -367,6 +374,7 @@ class EtcdBackend(Backend):
         self._seqs: Dict[str, List[int]] = {}
         self._info: Dict[str, Ticket] = {}
         self._snapshots: Dict[int, list] = {}  # a status op -> where its snapshot goes
+        self._late: Dict[str, Dict[str, int]] = {}  # pool -> {ticket: token}: grants held back, to confirm
         # The last view of each pool (read, or read back after our write),
         # and the last revision at which the watch showed it changed.
         self._views: Dict[str, Tuple[_View, int, Optional[int], int]] = {}
@@ -690,21 +698,52 @@ class EtcdBackend(Backend):
             op.d.errback(failure)
 
     def _committed(self, result: _Result, name: str, batch: List[_Op]) -> None:
+        late = self._late_grants(name, result)
         for step in result.extra:
             self._dispatch(step)
         for op, step in zip(batch, result.steps):
             self._dispatch(step)
         for ticket_id, kind, token in result.taken:
             local = self._tickets.get(ticket_id)
-            if local is not None:
+            if local is not None and ticket_id not in late:
                 self._deliver(ticket_id, Event(kind, name, local.host, "", token, ticket_id, result.now,
                                                local.session))
+        if late:
+            self._poke(name)
         self._schedule(name)
         for op, step in zip(batch, result.steps):
             snapshot = self._snapshots.pop(id(op), None)
             if snapshot is not None:
                 snapshot.append((self._spec(name), result.state, result.now))
             op.d.callback(step)
+
+    def _late_grants(self, name: str, result: _Result) -> Dict[str, int]:
+        """The grants of this transaction to this server's open waiters, if it
+        came back too late to deliver them (LATE_GRANT_SHARE): kept in
+        ``_late`` for the next transaction to confirm, and not delivered now."""
+        # The transaction's plan has dealt with every grant held back before
+        # (confirmed it into ``taken``, queued it again, or found it left).
+        self._late.pop(name, None)
+        spec = self._specs.get(name)
+        if spec is None or not spec.expire or self.mono() - result.now <= spec.expire * LATE_GRANT_SHARE:
+            return {}
+        late = {ticket_id: token for ticket_id, _, token in result.taken}
+        for step in result.extra + result.steps:
+            for event in step.events:
+                if event.kind is GRANTED and event.ticket is not None and event.ticket in self._tickets:
+                    late[event.ticket] = event.token  # type: ignore[assignment]  # a grant has a token
+        if late:
+            self._late[name] = late
+            self.log.warn("etcd: the grants to {tickets} in {pool} came back {seconds:.3f} s after they were "
+                          "planned: confirming them before answering", tickets=sorted(late), pool=name,
+                          seconds=self.mono() - result.now)
+        return late
+
+    def _deliver(self, ticket_id: str, event: Event) -> None:
+        local = self._tickets.get(ticket_id)
+        if event.kind is GRANTED and local is not None and ticket_id in self._late.get(local.pool, {}):
+            return  # held back: confirmed (or queued again) by the next transaction
+        super()._deliver(ticket_id, event)
 
     # -- the transaction --------------------------------------------------------------
 
@@ -967,6 +1006,19 @@ class EtcdBackend(Backend):
                 hold.expires_at = now + spec.expire
             hold.renewals += 1
             taken.append((ticket_id, answer.kind, answer.token))
+        # Grants of our own that came back late: renewed from now, or queued again.
+        for ticket_id, token in list(self._late.get(name, {}).items()):
+            local = self._tickets.get(ticket_id)
+            if local is None or not local.open:
+                continue  # it left: its leave gives the hold back
+            hold = next((h for h in state.holders.values() if h.token == token and h.ticket == ticket_id), None)
+            if hold is None or (hold.expires_at is not None and hold.expires_at <= now):
+                lapsed.append(ticket_id)
+                continue
+            if spec.expire:
+                hold.expires_at = now + spec.expire
+            hold.renewals += 1
+            taken.append((ticket_id, GRANTED, token))
         if lapsed:
             extra.append(self._requeue(pool, lapsed, now))
         steps = [op.fn(pool, now) for op in batch]
