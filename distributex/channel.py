@@ -101,7 +101,8 @@ class DistributexChannel(HTTPChannel):
     _address: Optional[str] = None
     #: Plain lock requests go to lean.LeanRequest; off when the site writes
     #: twisted.web's access log, which needs twisted.web's Request.
-    lean_path = True
+    lean_path = lean.AVAILABLE
+    _lean_timeout: Optional[float] = None  # the idle timeout, while a LeanRequest awaits its answer
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -139,15 +140,31 @@ class DistributexChannel(HTTPChannel):
             self._refuse(400, "bare LF line ending: HTTP lines end with CRLF")
 
     def _serve_lean(self, request: lean.LeanRequest) -> None:
-        """What twisted.web does with a request, for a LeanRequest: the idle
-        timeout is off and later bytes are buffered until requestDone."""
+        """What twisted.web does with a request, for a LeanRequest: later
+        bytes are buffered until lean_done, and the idle timeout is off
+        while an answer is awaited (a /wait). Most answers are written
+        before process returns: those never touch the timer but to reset it."""
         self.resetTimeout()
         self.requests.append(request)
-        if self.timeOut:
-            self._savedTimeOut = self.setTimeout(None)
         self._handlingRequest = True
         self.setRawMode()
         request.process(self.site.resource)  # type: ignore[attr-defined]  # set by Site.buildProtocol
+        if self.requests and self.requests[0] is request and self.timeOut:
+            self._lean_timeout = self.setTimeout(None)
+
+    def lean_done(self, request: lean.LeanRequest) -> None:
+        """HTTPChannel.requestDone for a LeanRequest, whose connection is
+        persistent: go on with what the client sent meanwhile."""
+        del self.requests[0]
+        if not self._waitingForTransport:
+            self._networkProducer.resumeProducing()
+        self._handlingRequest = False
+        if self._lean_timeout is not None:
+            self.setTimeout(self._lean_timeout)
+            self._lean_timeout = None
+        data = b"".join(self._dataBuffer)
+        self._dataBuffer = []
+        self.setLineMode(data)
 
     def allHeadersReceived(self) -> None:
         self._cancel_head_timer()

@@ -11,12 +11,15 @@ to the same resource code and writes the answer in one piece. Everything
 else (another path or method, a body, ``Connection`` or ``Expect``
 headers, HTTP/1.0, a request split over reads, pipelined requests, anything
 httptools refuses) goes to twisted.web exactly as before, so the hostile
-input handling of channel.py is unchanged.
+input handling of channel.py is unchanged. Under PyPy, whose JIT makes
+twisted.web fast and where httptools would be a C extension through its
+emulation layer, httptools is not installed and every request goes to
+twisted.web.
 
 The channel treats a LeanRequest like its own requests (it is in
-``channel.requests`` while it runs): the idle timeout is off meanwhile,
-bytes the client sends behind it are buffered and replayed after it, a
-hang-up reaches it through ``connectionLost``.
+``channel.requests`` while it runs): the idle timeout is off while it
+waits, bytes the client sends behind it are buffered and replayed after
+it, a hang-up reaches it through ``connectionLost``.
 """
 
 from __future__ import annotations
@@ -24,7 +27,6 @@ from __future__ import annotations
 import time
 from typing import Any, Dict, List, Optional
 
-import httptools
 from twisted.internet import tcp
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -32,7 +34,15 @@ from twisted.python.failure import Failure
 from twisted.web.http import RESPONSES, datetimeToString, parse_qs
 from twisted.web.server import version
 
+try:
+    import httptools
+except ImportError:  # PyPy: not a dependency there (see pyproject.toml)
+    httptools = None  # type: ignore[assignment]
+
 log = Logger()
+
+#: Whether the fast path can run here.
+AVAILABLE = httptools is not None
 
 #: A lock request is a few hundred bytes; a larger read is left to
 #: twisted.web, whose limits (channel.py) then apply.
@@ -215,7 +225,7 @@ class LeanRequest:
         parts += (b"\r\n", body)
         channel = self.channel
         write_now(channel.transport, b"".join(parts))
-        channel.requestDone(self)
+        channel.lean_done(self)
         watchers, self._watchers = self._watchers, []
         for d in watchers:
             d.callback(None)

@@ -550,7 +550,7 @@ class DistributexSite(Site):
             return refused
         channel = super().buildProtocol(addr)
         channel._limits, channel._address = self.limits, address
-        channel.lean_path = not self.access_log
+        channel.lean_path = channel.lean_path and not self.access_log
         self.limits.opened(address)
         return channel
 

@@ -5,13 +5,16 @@ to twisted.web."""
 import re
 
 import pytest
-from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
 
-from distributex import lean
-from distributex.backend.memory import InMemoryBackend
-from distributex.catalog import Catalog, PoolSpec
-from distributex.web import DistributexRequest, DistributexResource, DistributexSite
+pytest.importorskip("httptools", reason="the fast path runs where httptools is installed (CPython)")
+
+from twisted.internet.task import Clock  # noqa: E402
+from twisted.internet.testing import StringTransport  # noqa: E402
+
+from distributex import lean  # noqa: E402
+from distributex.backend.memory import InMemoryBackend  # noqa: E402
+from distributex.catalog import Catalog, PoolSpec  # noqa: E402
+from distributex.web import DistributexRequest, DistributexResource, DistributexSite  # noqa: E402
 
 
 def get(target: str, *headers: str) -> bytes:
