@@ -68,7 +68,9 @@ What the checker says, per pool (sections sorted by start; a section is
     what protects the resource; when the orphan writes before the new
     holder, both writes pass), or the client was paused for at least two
     thirds of a lease (the renewal interval is a third: a shorter pause
-    cannot outlast a lease). Those are listed as explained, unless the
+    cannot outlast a lease), or it was paused as its lease ran out after an
+    outage of its server or of the store (an etcd member, a memcached)
+    within that lease had kept its renewals from getting through. Those are listed as explained, unless the
     servers' own /status/ (probed by each section at its start and before
     its write) showed more than maxlocks leases live at that moment; any
     other is a VIOLATION.
@@ -157,6 +159,11 @@ LONG_HOLD = (1.5, 2.5)
 #: A client pause at least this share of a lease can outlast it (the wrapper
 #: renews every third of a lease); a shorter one explains nothing.
 PAUSE_EXPLAINS = 2 / 3
+#: Chaos that stops a client's renewals from getting through: the store (an
+#: etcd member, the leader among them, or a memcached) down or paused.
+STORE_OUTAGES = ("kill-etcd", "kill-etcd-leader", "stop-etcd", "kill-memcached", "power-cut")
+#: A client paused within this long before its lease ran out could not act on it.
+PAUSED_AT_END = 0.5
 #: Mean seconds between chaos events, and how many may run at once.
 CHAOS_INTERVAL = 2.5
 MAX_CONCURRENT_EVENTS = 3
@@ -912,6 +919,21 @@ class Checker:
             e = paused[0]
             return (f"its client was paused {e['t_end'] - e['t']:.1f} s from "
                     f"{self.rel(e['t']).strip()} (>= {PAUSE_EXPLAINS:.2f} lease)")
+        # A shorter pause explains it when it spans the moment the lease ran
+        # out (``until``, when the next holder was granted) and the renewals
+        # before could not get through: its server or the store was down or
+        # paused within that lease, so the lease ended on time and the paused
+        # client could not stop its command.
+        if until is not None:
+            at_end = self.pauses(s, until - PAUSED_AT_END, until, 0.0)
+            outages = [e for e in self.events if e["t"] < until and e["t_end"] > until - self.expire
+                       and (e["kind"] in STORE_OUTAGES
+                            or (e["kind"] in ("kill-dx", "stop-dx") and e["target"] == s.server))]
+            if at_end and outages:
+                p, o = at_end[0], outages[0]
+                return (f"its client was paused from {self.rel(p['t']).strip()} to {self.rel(p['t_end']).strip()}, "
+                        f"as its lease ran out, after {o['kind']} {o['target']} from {self.rel(o['t']).strip()} "
+                        f"blocked its renewals")
         return None
 
     def late_start_reason(self, s: Section) -> Optional[str]:

@@ -238,12 +238,15 @@ class Processes:
         self.keep_dir = keep_dir
         self.procs: List[subprocess.Popen] = []
         self.memcached: Optional[subprocess.Popen] = None  # the one start_memcached started
+        self.etcd: Any = None  # the cluster start_etcd started
 
     def __enter__(self) -> "Processes":
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.stop_all()
+        if self.etcd is not None:
+            self.etcd.stop()
         if not self.keep_dir:
             shutil.rmtree(self.dir, ignore_errors=True)
 
@@ -289,8 +292,9 @@ class Processes:
 
 def add_server_options(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("distributex server")
-    g.add_argument("--backend", choices=("inmemory", "memcache"), default="inmemory",
-                   help="backend written into the generated config (default inmemory)")
+    g.add_argument("--backend", choices=("inmemory", "memcache", "etcd"), default="inmemory",
+                   help="backend written into the generated config (default inmemory); etcd "
+                        "starts a 3-member etcd cluster on loopback (data on tmpfs)")
     g.add_argument("--memcache", action="append", default=[], metavar="127.0.0.1:PORT",
                    help="memcached for --backend memcache (repeatable); without it the "
                         "benchmark starts its own memcached on a free loopback port")
@@ -339,7 +343,22 @@ def server_settings(args: argparse.Namespace, procs: Processes) -> Dict[str, Any
             check_loopback(s)
         if "memcachehost" in settings:
             check_loopback(f"{settings['memcachehost']}:{settings.get('memcacheport', 11211)}")
+    if args.backend == "etcd" and "etcd_endpoints" not in settings:
+        settings["backend"] = "etcd"
+        settings["etcd_endpoints"] = start_etcd(procs)
     return settings
+
+
+def start_etcd(procs: Processes) -> List[str]:
+    """A 3-member etcd cluster on free loopback ports (tests/etcdcluster.py,
+    etcd's default timing); its client URLs."""
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    from etcdcluster import EtcdCluster, available
+
+    if not available():
+        raise SystemExit("etcd is not installed (apt-get install -y etcd-server)")
+    procs.etcd = EtcdCluster(heartbeat_ms=100, election_ms=1000)
+    return list(procs.etcd.endpoints)
 
 
 def start_memcached(procs: Processes) -> str:

@@ -28,6 +28,7 @@ spends its time per request.
     python bench/throughput.py                          # 10 s per measurement
     python bench/throughput.py --rounds 3 --profile py-spy
     python bench/throughput.py --backend memcache       # starts its own memcached
+    python bench/throughput.py --backend etcd --servers 2   # starts a 3-member etcd
 """
 
 from __future__ import annotations
@@ -414,7 +415,7 @@ def main() -> int:
                         help="measure baseline, distributex, shared pool this many times, interleaved")
     parser.add_argument("--clients", type=int, default=32, help="keep-alive clients (default 32)")
     parser.add_argument("--servers", type=int, default=1,
-                        help="distributex servers sharing the backend (needs --backend memcache); "
+                        help="distributex servers sharing the backend (needs --backend memcache or etcd); "
                              "client i talks to server i mod N")
     parser.add_argument("--no-shared", action="store_true", help="skip the shared-pool measurement")
     parser.add_argument("--state-file", choices=("both", "on", "off"), default="both",
@@ -442,8 +443,8 @@ def main() -> int:
 
     with Processes(keep_dir=args.keep) as procs:
         settings = server_settings(args, procs)
-        if args.servers > 1 and settings.get("backend") != "memcache":
-            parser.error("--servers above 1 needs a shared backend: --backend memcache")
+        if args.servers > 1 and settings.get("backend") not in ("memcache", "etcd"):
+            parser.error("--servers above 1 needs a shared backend: --backend memcache or etcd")
         pools = [{"name": f"p{i}", "expire": 300} for i in range(args.clients)]
         pools.append({"name": "shared", "expire": 300})
         in_memory = settings.get("backend", "inmemory") == "inmemory"
