@@ -1082,13 +1082,16 @@ class Checker:
         for kind, sets in (("a", a_sets), ("d", all_sets)):
             for crowd in sets:
                 ranked = sorted(crowd, key=lambda s: -s.token)
-                low = ranked[m:]
-                reasons = []
-                for s in low:
-                    # A contained section stopped by its wrapper or refused: its own
-                    # lease lapsed (pause, orphan) or the service granted twice.
-                    until = max(x.start for x in crowd)
-                    reasons.append(self.stale_reason(s, until=max(until, s.start)))
+                # The extra sections are explained when that many of the older
+                # ones (all but the newest grant) had lost their leases (pause,
+                # orphan). In a mutex those are the lowest tokens; in a
+                # semaphore an older holder may renew all along while a younger
+                # one lapses, so any of the older ones may be the stale one.
+                until = max(x.start for x in crowd)
+                older = [(s, self.stale_reason(s, until=max(until, s.start))) for s in ranked[1:]]
+                stale = [(s, r) for s, r in older if r]
+                low = [s for s, _ in stale] if len(stale) >= len(crowd) - m else ranked[m:]
+                reasons = [r for _, r in stale] if len(stale) >= len(crowd) - m else [None]
                 # The servers' own word overrides any excuse: if /status/ showed
                 # more than m leases of this pool live at one moment, no pause or
                 # orphan explains it (a lease ends early only by a release, and a
