@@ -134,12 +134,19 @@ def test_a_request_split_over_reads_is_answered_by_twisted_web():
     assert (server.lean, server.twisted) == (0, 1)
 
 
-def test_requests_pipelined_behind_a_fast_path_wait_are_answered_after_its_grant():
-    server = Server()
-    holder, holder_transport = server.connect()
+def held_and_waiting(server: Server, wait: str = "/wait/?pool=p&host=b"):
+    """Host a holds pool p through one connection; another sends ``wait``:
+    (the holder's channel, the waiter's channel, the waiter's transport)."""
+    holder, _ = server.connect()
     holder.dataReceived(get("/get/?pool=p&host=a"))
     waiter, waiter_transport = server.connect()
-    waiter.dataReceived(get("/wait/?pool=p&host=b"))
+    waiter.dataReceived(get(wait))
+    return holder, waiter, waiter_transport
+
+
+def test_requests_pipelined_behind_a_fast_path_wait_are_answered_after_its_grant():
+    server = Server()
+    holder, waiter, waiter_transport = held_and_waiting(server)
     waiter.dataReceived(get("/release/?pool=p&host=b"))
     assert waiter_transport.value() == b""
     holder.dataReceived(get("/release/?pool=p&host=a"))
@@ -150,10 +157,7 @@ def test_requests_pipelined_behind_a_fast_path_wait_are_answered_after_its_grant
 
 def test_a_client_that_hangs_up_during_a_fast_path_wait_leaves_the_queue():
     server = Server()
-    holder, _ = server.connect()
-    holder.dataReceived(get("/get/?pool=p&host=a"))
-    waiter, waiter_transport = server.connect()
-    waiter.dataReceived(get("/wait/?pool=p&host=b"))
+    holder, waiter, waiter_transport = held_and_waiting(server)
     assert server.lean == 2
     waiter_transport.loseConnection()
     waiter.connectionLost(ConnectionError("gone"))
@@ -163,11 +167,8 @@ def test_a_client_that_hangs_up_during_a_fast_path_wait_leaves_the_queue():
 
 def test_the_idle_timeout_is_off_during_a_fast_path_wait_and_back_after_it():
     server = Server()
-    holder, _ = server.connect()
-    holder.dataReceived(get("/get/?pool=p&host=a"))
-    waiter, waiter_transport = server.connect()
     idle_timeout = server.site.timeOut
-    waiter.dataReceived(get("/wait/?pool=p&host=b&timeout=86400"))
+    holder, waiter, waiter_transport = held_and_waiting(server, "/wait/?pool=p&host=b&timeout=86400")
     server.clock.advance(idle_timeout + 1)
     assert not waiter_transport.disconnecting
     holder.dataReceived(get("/release/?pool=p&host=a"))

@@ -422,5 +422,5 @@ def two_memcacheds():
 def test_memcache_backend_state_machine(two_memcacheds):
     MemcacheMachine.memcacheds = two_memcacheds
     run_state_machine_as_test(MemcacheMachine, settings=settings(
-        max_examples=200, stateful_step_count=30, deadline=None,
+        max_examples=120, stateful_step_count=30, deadline=None,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much]))

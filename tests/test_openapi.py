@@ -54,9 +54,11 @@ def test_every_path_served_is_documented_and_every_documented_path_is_served():
 def fuzzed_server(tmp_path_factory):
     from servers import DistributexServer
 
-    # Every name is a pool (a pattern), so that generated names reach the rules.
+    # Every name is a pool (a pattern), so that generated names reach the
+    # rules; its leases are short, so that a generated /wait on a pool that
+    # earlier cases left held is answered within a second.
     server = DistributexServer({"pools": [{"name": "pool1", "expire": 30},
-                                          {"pattern": "*", "expire": 5, "maxlocks": 2, "max_waiters": 20}]},
+                                          {"pattern": "*", "expire": 1, "maxlocks": 2, "max_waiters": 20}]},
                                workdir=str(tmp_path_factory.mktemp("fuzz")))
     yield server
     server.kill()

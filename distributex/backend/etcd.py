@@ -989,36 +989,30 @@ class EtcdBackend(Backend):
                    if h.token in pending and h.ticket is not None and h.ticket not in state.answers]
         if orphans:
             extra.append(_leave_all(pool, [t for t in orphans if t is not None], now))
-        # Answers other servers left for our open waiters: delivered now, the
-        # lease renewed from now; one whose hold has ended queues again.
-        taken: List[Tuple[str, str, int]] = []
-        lapsed: List[str] = []
+        # Answers other servers left for our open waiters, and grants of our
+        # own that came back late: delivered now, the lease renewed from now;
+        # one whose hold has ended queues again.
+        owed: List[Tuple[str, str, int]] = []
         for ticket_id, answer in list(state.answers.items()):
             local = self._tickets.get(ticket_id)
-            if answer.server != self.server_id or local is None or not local.open:
-                continue
-            del state.answers[ticket_id]
-            hold = next((h for h in state.holders.values() if h.token == answer.token), None)
-            if hold is None or (hold.expires_at is not None and hold.expires_at <= now):
-                lapsed.append(ticket_id)
-                continue
-            if spec.expire:
-                hold.expires_at = now + spec.expire
-            hold.renewals += 1
-            taken.append((ticket_id, answer.kind, answer.token))
-        # Grants of our own that came back late: renewed from now, or queued again.
-        for ticket_id, token in list(self._late.get(name, {}).items()):
+            if answer.server == self.server_id and local is not None and local.open:
+                del state.answers[ticket_id]
+                owed.append((ticket_id, answer.kind, answer.token))
+        for ticket_id, token in self._late.get(name, {}).items():
             local = self._tickets.get(ticket_id)
-            if local is None or not local.open:
-                continue  # it left: its leave gives the hold back
-            hold = next((h for h in state.holders.values() if h.token == token and h.ticket == ticket_id), None)
+            if local is not None and local.open:  # one that left: its leave gives the hold back
+                owed.append((ticket_id, GRANTED, token))
+        taken: List[Tuple[str, str, int]] = []
+        lapsed: List[str] = []
+        for ticket_id, kind, token in owed:
+            hold = next((h for h in state.holders.values() if h.token == token), None)
             if hold is None or (hold.expires_at is not None and hold.expires_at <= now):
                 lapsed.append(ticket_id)
                 continue
             if spec.expire:
                 hold.expires_at = now + spec.expire
             hold.renewals += 1
-            taken.append((ticket_id, GRANTED, token))
+            taken.append((ticket_id, kind, token))
         if lapsed:
             extra.append(self._requeue(pool, lapsed, now))
         steps = [op.fn(pool, now) for op in batch]
