@@ -5,6 +5,12 @@ The command is the leader of a new session, so its process group holds
 every process its shell starts, and a signal to the group reaches them all.
 The client leaves the leader unreaped until it has finished signalling the
 group: while the zombie exists its group id cannot be reused by a stranger.
+
+PyPy 3.9 has neither ``os.posix_spawnp`` nor ``os.waitid``: there the
+command is started by ``subprocess`` (its import costs a few milliseconds),
+and the leader is reaped before its group gets its last signal. Linux
+hands out no pid still in use as a process group id, so only an empty group
+could meanwhile be reused, and an empty group needs no signal.
 """
 
 from __future__ import annotations
@@ -14,6 +20,10 @@ import signal
 import threading
 
 from distributex.client.threads import start_without_signals
+
+TYPE_CHECKING = False  # importing typing would slow the wrapper's start; mypy sees True.
+if TYPE_CHECKING:
+    import subprocess
 
 # The signals a user or a service manager sends to stop or reload a job; the
 # client passes them to the command rather than dying and leaving it behind.
@@ -58,6 +68,7 @@ class Supervisor:
         # while the main thread itself holds the lock.
         self._mutex = threading.RLock()
         self._kill_timer: threading.Timer | None = None
+        self._process: subprocess.Popen[bytes] | None = None  # PyPy's way of starting it
 
     def install_signal_handlers(self) -> None:
         for signum in FORWARDED_SIGNALS:
@@ -70,8 +81,17 @@ class Supervisor:
         """Start ``argv`` as the leader of a new session, or raise OSError."""
         self._starting = True
         try:
-            self._group = os.posix_spawnp(argv[0], argv, env, setsid=True,
-                                          setsigdef=_RESET_SIGNALS)
+            if hasattr(os, "posix_spawnp"):
+                self._group = os.posix_spawnp(argv[0], argv, env, setsid=True,
+                                              setsigdef=_RESET_SIGNALS)
+            else:
+                import subprocess  # PyPy 3.9 (see the module)
+
+                # restore_signals resets SIGPIPE and SIGXFSZ, as setsigdef
+                # does; descriptors are passed on as posix_spawnp passes them.
+                self._process = subprocess.Popen(argv, env=env, start_new_session=True,
+                                                 restore_signals=True, close_fds=False)
+                self._group = self._process.pid
             self._spawned = True
         finally:
             self._starting = False
@@ -101,8 +121,12 @@ class Supervisor:
         """Wait for the command; its exit status, 128+N for signal N."""
         pid = self._group
         assert pid is not None, "spawn() first"
-        # Wait for the leader's end without reaping it (see the module).
-        os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+        status = None
+        if hasattr(os, "waitid"):
+            # Wait for the leader's end without reaping it (see the module).
+            os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+        else:
+            _, status = os.waitpid(pid, 0)
         with self._mutex:
             if self.stopped:
                 # The lock is gone: what the command left behind in its group
@@ -111,8 +135,11 @@ class Supervisor:
             self._group = None
             if self._kill_timer is not None:
                 self._kill_timer.cancel()
-        _, status = os.waitpid(pid, 0)
+        if status is None:
+            _, status = os.waitpid(pid, 0)
         code = os.waitstatus_to_exitcode(status)
+        if self._process is not None:
+            self._process.returncode = code  # reaped here: subprocess must not wait for it
         return 128 - code if code < 0 else code
 
     def _signal_group(self, signum: int) -> None:
