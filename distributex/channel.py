@@ -1,7 +1,9 @@
 """One HTTP/1.1 connection, and the limits that keep hostile ones harmless.
 
-twisted.web parses the requests; this channel adds what a lock server
-facing any client needs (contract section 6, "Limits"), none of which ever
+twisted.web parses the requests, except the plain lock requests that
+distributex.lean answers on its fast path (a request it does not take
+comes here unchanged); this channel adds what a lock server facing any
+client needs (contract section 6, "Limits"), none of which ever
 touches a holder or an open /wait:
 
 - a request head (request line and headers) must arrive whole within

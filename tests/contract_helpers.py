@@ -1,5 +1,6 @@
 """What the HTTP tests share: raw requests that stay open, and the short calls."""
 
+import socket
 import ssl
 import time
 import urllib.parse
@@ -27,7 +28,7 @@ class RawRequest:
         self.sock.settimeout(timeout)
         try:
             chunk = self.sock.recv(65536)
-        except (TimeoutError, BlockingIOError, ssl.SSLWantReadError):
+        except (socket.timeout, BlockingIOError, ssl.SSLWantReadError):  # socket.timeout: Python 3.9
             return False
         if chunk:
             self.data += chunk
