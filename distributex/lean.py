@@ -130,7 +130,8 @@ class _Head:
 
 def parse(data: bytes) -> Optional[_Head]:
     """The head of the one plain lock request that ``data`` is, or None."""
-    if (len(data) > MAX_LEAN_BYTES or not data.startswith(b"GET /") or not data.endswith(b"\r\n\r\n")
+    # One whole head and nothing after it (a GET has no body), no bare LF.
+    if (len(data) > MAX_LEAN_BYTES or not data.startswith(b"GET /")
             or data.find(b"\r\n\r\n") != len(data) - 4 or data.count(b"\n") != data.count(b"\r\n")):
         return None
     path = data[4:data.find(b" ", 4)].partition(b"?")[0]
@@ -153,7 +154,6 @@ class LeanRequest:
     DistributexResource's lock endpoints use, answered in one write."""
 
     method = b"GET"
-    clientproto = b"HTTP/1.1"
     long_poll = False
     access: Any = None
     finished = False

@@ -13,7 +13,7 @@ from typing import Any, List
 
 import pytest
 from twisted.internet import reactor, task
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import Deferred
 
 from clientfixtures import wait_for
 from distributex.backend.etcd import EtcdBackend
@@ -59,11 +59,7 @@ def servers(etcd_cluster):
         backend.startService()
     yield backends
     for backend in backends:
-        wait_for(Deferred.fromCoroutine(_stop(backend)))
-
-
-async def _stop(backend: EtcdBackend) -> None:
-    await backend.stopService()
+        wait_for(backend.stopService())
 
 
 def answered(d: Deferred) -> List[Any]:
@@ -74,7 +70,7 @@ def answered(d: Deferred) -> List[Any]:
 
 def test_a_grant_that_came_back_after_its_hold_ended_is_queued_again_not_answered(servers):
     a, b = servers
-    assert wait_for(ensureDeferred(_get(a, "h1"))).token
+    assert wait_for(a.get("p", "h1", "")).token
     w = answered(b.wait("p", "w", ""))     # B's own waiter, first in the queue
     pause(0.3)
     x = answered(a.wait("p", "x", ""))     # A's waiter, behind it
@@ -95,7 +91,7 @@ def test_a_grant_that_came_back_after_its_hold_ended_is_queued_again_not_answere
 
 def test_a_grant_that_came_back_late_but_still_held_is_renewed_then_answered(servers):
     a, b = servers
-    assert wait_for(ensureDeferred(_get(a, "h1"))).token
+    assert wait_for(a.get("p", "h1", "")).token
     w = answered(b.wait("p", "w", ""))
     pause(0.3)
     paused = Paused(b, LEASE / 4)  # late (past a tenth of the lease), but the hold stands
@@ -109,7 +105,3 @@ def test_a_grant_that_came_back_late_but_still_held_is_renewed_then_answered(ser
     # confirmation, not from the grant, so it still holds a lease after the grant.
     pause(LEASE * 0.7)
     assert isinstance(wait_for(a.get("p", "someone", "")), str), "the hold ended a lease after its grant"
-
-
-async def _get(backend: EtcdBackend, host: str) -> Any:
-    return await backend.get("p", host, "")

@@ -26,11 +26,12 @@ class Server:
     Clock, with connections over in-memory transports; counts the requests
     each path served."""
 
-    def __init__(self) -> None:
+    def __init__(self, access_log: bool = False) -> None:
         self.clock = Clock()
         pools = Catalog({"p": PoolSpec("p", expire=30), "sem": PoolSpec("sem", maxlocks=2, expire=30)})
         self.backend = InMemoryBackend(pools, self.clock)
-        self.site = DistributexSite(DistributexResource(self.backend, pools, self.clock), reactor=self.clock)
+        self.site = DistributexSite(DistributexResource(self.backend, pools, self.clock), reactor=self.clock,
+                                    access_log=access_log)
         self.lean = 0
         self.twisted = 0
         resource = self.site.resource
@@ -46,9 +47,11 @@ class Server:
 
         resource.render = counting
 
-    def connect(self, lean_path: bool = True):
+    def connect(self, lean_path=None):
+        """A connection; ``lean_path`` forces the fast path on or off."""
         channel = self.site.buildProtocol(None)
-        channel.lean_path = lean_path
+        if lean_path is not None:
+            channel.lean_path = lean_path
         transport = StringTransport()
         channel.makeConnection(transport)
         return channel, transport
@@ -122,6 +125,14 @@ def test_other_requests_go_to_twisted_web(request_bytes):
     channel.dataReceived(request_bytes)
     assert transport.value().startswith(b"HTTP/1.")
     assert server.lean == 0 and server.twisted >= 1
+
+
+def test_with_the_access_log_on_every_request_goes_to_twisted_web_which_logs_it():
+    server = Server(access_log=True)
+    channel, transport = server.connect()
+    channel.dataReceived(get("/get/?pool=p&host=a"))
+    assert answers(transport)[0].endswith(b"YES")
+    assert (server.lean, server.twisted) == (0, 1)
 
 
 def test_a_request_split_over_reads_is_answered_by_twisted_web():
