@@ -578,7 +578,8 @@ class Harness:
                 holders = [{"unparsed": raw[:200].decode(errors="replace")}]
             pools[key.rsplit(":", 1)[1]] = {
                 "holders": [h for h in holders if h.get("expires_in") is None or h["expires_in"] > 0],
-                "queued": len(record.get("q", [])) if isinstance(record, dict) else None}
+                "queued": (record.get("seq", 0) - record.get("lo", 0) - len(record.get("x", []))
+                           if isinstance(record, dict) else None)}
         return {"epoch": f"{NAMESPACE}:epoch" in values, "pools": pools}
 
     def _kill_client(self, rng: random.Random) -> None:

@@ -157,6 +157,12 @@ class Step:
         return bool(self.events)
 
 
+def queue_full(spec: PoolSpec) -> str:
+    """Why a /wait was refused (a shared backend that read only the head of
+    the queue words it with the real limit)."""
+    return f"the queue of pool '{spec.name}' is full ({spec.max_waiters} waiters)"
+
+
 class Pool:
     """The rules of one pool applied to one PoolState."""
 
@@ -206,7 +212,7 @@ class Pool:
             step.hold = self._grant(ticket.host, ticket.session, ticket.label, now, ticket.id,
                                     ticket.server, step.events, ticket.origin)
         elif len(self.state.queue) >= self.spec.max_waiters:
-            step.refused = f"the queue of pool '{self.spec.name}' is full ({self.spec.max_waiters} waiters)"
+            step.refused = queue_full(self.spec)
         else:
             self.state.queue[ticket.id] = ticket
             step.events.append(Event(QUEUED, self.spec.name, ticket.host, ticket.label, None, ticket.id,

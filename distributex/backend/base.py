@@ -9,6 +9,7 @@ lives and how an update is made atomic.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import uuid
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
@@ -282,6 +283,15 @@ def _leave_all(pool: Pool, tickets: List[str], now: float) -> Step:
     for ticket_id in tickets:
         step.events += pool.leave(ticket_id, now).events
     return step
+
+
+def partial_spec(spec: PoolSpec, hidden: int) -> PoolSpec:
+    """The spec as the rules see a queue of which only the head was read:
+    the ``hidden`` waiters behind it count against max_waiters (a refusal
+    must then be worded with the real limit: pool.queue_full)."""
+    if hidden <= 0:
+        return spec
+    return dataclasses.replace(spec, max_waiters=spec.max_waiters - hidden)
 
 
 def _hold(step: Step) -> Union[Hold, str]:

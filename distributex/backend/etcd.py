@@ -166,6 +166,7 @@ from distributex.backend.base import (
     Operation,
     QueueFull,
     _leave_all,
+    partial_spec,
 )
 from distributex.backend.etcd_client import (
     KV,
@@ -195,6 +196,7 @@ from distributex.pool import (
     PoolState,
     Step,
     Ticket,
+    queue_full,
 )
 from distributex.token import TOKEN_RESOLUTION
 
@@ -970,7 +972,7 @@ class EtcdBackend(Backend):
             first = obs[("b", block[0])] = old_obs.get(("b", block[0]), now)
             state.blocked_until = first + block[1]
         hidden = 0 if view.exact else max(0, view.total - len(view.head))
-        pool = Pool(_hidden(spec, hidden), state, self.wall)
+        pool = Pool(partial_spec(spec, hidden), state, self.wall)
         extra: List[Step] = []
         if fresh:
             state.last_token = self._floor(name, wall)
@@ -1031,7 +1033,7 @@ class EtcdBackend(Backend):
             return _Retry(view.wlo, view.whi, view.limit, exact=True)
         for s in steps:
             if s.refused:
-                s.refused = f"the queue of pool '{spec.name}' is full ({spec.max_waiters} waiters)"
+                s.refused = queue_full(spec)
         # Answers just made for our own open waiters are delivered by the
         # step's events (Backend._dispatch); the others are written.
         for ticket_id, answer in list(state.answers.items()):
@@ -1396,16 +1398,6 @@ def _follow(view: _View, kind: str, deleted: bool, parts: List[bytes], kv: KV) -
         return False
     view.revision = max(view.revision, kv.mod_revision)
     return True
-
-
-def _hidden(spec: PoolSpec, hidden: int) -> PoolSpec:
-    """The spec as the rules see a partial queue: the waiters not read count
-    against max_waiters (the refusal is worded with the real limit)."""
-    if hidden <= 0:
-        return spec
-    import dataclasses
-
-    return dataclasses.replace(spec, max_waiters=spec.max_waiters - hidden)
 
 
 def _leave_op(tickets: List[str]) -> Operation:

@@ -1,7 +1,7 @@
 """Pool states kept in memcached, shared by several distributex servers.
 
 Every change is one compare-and-swap transaction on the pool's record: read
-it with ``gets``, apply one pool rule (distributex.pool, the same rules as
+it with ``gets``, apply the pool rules (distributex.pool, the same rules as
 the in-memory backend), write it back with ``cas`` (``add`` when there was
 none). A conflict means another server changed the pool in between: the
 transaction starts again from the fresh record, a bounded number of times,
@@ -10,10 +10,34 @@ servers can never both grant the last slot. A pool always lives on the same
 memcached (rendezvous hashing over the configured list, never re-hashed
 when one is down: then its pools answer ERROR).
 
+The queue is not in the record: each waiter has a key of its own,
+``NS:q:EPOCH:SEQ`` (its host, session, label, server, ...), on the pool's
+memcached, and the record counts the places: ``seq`` the next place, ``lo``
+the head (every place below it is done), ``x`` the places between that were
+left, ``rs`` the places dropped by the last reset of the whole pool, and
+``e`` the epoch that names the keys (a record created afresh starts a new
+set). So the record stays small (about maxlocks holders), and a transaction
+reads only the head of the queue: the first maxlocks + QUEUE_WINDOW waiters
+(in the same round trip as the record, from where the last one stood), more
+only when the rules run past them; the places of the tickets it leaves with;
+the whole queue only for /status/ and for dropping every waiter. The rules
+only ever look at the head, and judge max_waiters on the count. The record
+is the truth: a place is taken, left or passed by the record's CAS alone.
+A new waiter's key is written right after the record that gives it its
+place: a reader that finds the place counted but the key not there yet
+reads it again, then waits (MISSING_RECHECK), and only a key missing for
+MISSING_GRACE (its server died between the two writes) is skipped. Keys of
+passed places are deleted after the record's write.
+
+A server runs one transaction per pool at a time; the operations on that
+pool that arrive meanwhile go together in the next one (MAX_BATCH): 5,000
+/wait arriving at once cost a few dozen transactions, not 5,000 that the
+other servers' CAS would keep failing.
+
 Transactions run in a bounded thread pool, because pymemcache blocks; the
 reactor thread only hands answers to waiting connections. A transaction is
-a generator of phases (read, apply, write) so that tests can interleave the
-phases of several servers.
+a generator of phases (read, apply, write the record, write the waiter
+keys) so that tests can interleave the phases of several servers.
 
 Loss of data (rules 1-3). memcached forgets everything when it restarts, is
 flushed or evicts, and a forgotten holder may still be working:
@@ -95,15 +119,21 @@ Across servers:
   unless refreshed (``PRESENCE_TTL``); queued tickets and undelivered answers
   name their server, and those of a server that has gone are dropped (a
   grant nobody was told of is given back) by whichever server next touches
-  the pool, once it has seen them for PRESENCE_TTL;
+  the pool, once it has seen them for PRESENCE_TTL or they queued longer
+  ago than that (by the clocks, within the skew bound). A transaction
+  reads only the head of the queue, so a dead server's waiters leave when
+  they reach it: until then /status/ lists them and they count against
+  max_waiters;
 - a local /wait is answered only by its own transition: its enqueue's own
   grant or renewal, or the answer another server left in the record, taken
   out by this server's transaction (never inferred from who holds);
 - a server polls, every ``poll_interval``, the pools in which it has local
-  waiters, to take the answers other servers left for them (a release
-  through this server hands over at once, without a poll); a local ticket
-  that vanished from its record with no answer (the node lost it) is queued
-  again.
+  waiters (one transaction per pool, whatever their number), to take the
+  answers other servers left for them (a release through this server hands
+  over at once, without a poll); a local waiter whose place the head passed
+  with no answer for it (skipped, dropped as a dead server's, lost with the
+  record), or whose place names an older epoch, queues again at the back;
+  one below ``rs`` was dropped by a reset and gets NO.
 
 Every in-process deadline (leases, blocks, settling, presence freshness,
 ticket ages, clock re-measurement) is on the monotonic clock; the wall clock
@@ -123,21 +153,22 @@ import threading
 import time
 import uuid
 from collections import deque
-from typing import Any, Callable, Deque, Dict, Generator, List, Optional, Set, Tuple, cast
+from typing import AbstractSet, Any, Callable, Deque, Dict, FrozenSet, Generator, List, Optional, Sequence, Set, Tuple, cast
 
 from pymemcache.client.base import PooledClient
 from pymemcache.client.rendezvous import RendezvousHash
 from pymemcache.exceptions import MemcacheError, MemcacheUnexpectedCloseError
-from twisted.internet.defer import Deferred, DeferredList, DeferredLock
+from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from distributex.backend.base import LEFT, Backend, BackendUnavailable, Operation
+from distributex.backend.base import ANSWERED, LEFT, Backend, BackendUnavailable, Operation, _leave_all, partial_spec
 from distributex.config import DEFAULT_EXPIRE, Config, PoolSpec
-from distributex.pool import BLOCKED, LAPSED, RESET, Answer, Event, Hold, Pool, PoolState, Step, Ticket
+from distributex.pool import (BLOCKED, GRANTED, LAPSED, RENEWED, RESET, Answer, Event, Hold, Pool, PoolState, Step, Ticket,
+                             queue_full)
 from distributex.token import TOKEN_RESOLUTION
 
 #: A server refreshes its presence keys (and reads every node's marker and
@@ -180,7 +211,29 @@ MAX_THREADS = 8
 #: a second is treated as down (ERROR, 503) rather than stalling a request.
 MEMCACHE_TIMEOUT = 1.0
 #: The record format; a record in another one counts as lost.
-RECORD_VERSION = 2
+RECORD_VERSION = 3
+
+#: Waiter keys a transaction reads beyond the pool's slots: the rules look
+#: only at the head of the queue, so a change costs maxlocks + this many
+#: keys whatever the queue's length (it reads more when the head runs out).
+QUEUE_WINDOW = 8
+#: Waiter keys per get_many when a whole queue is read (/status/, a reset).
+READ_CHUNK = 500
+#: A waiter key that its record counts but that is not there is being
+#: written by its server, right after its change to the record: it is read
+#: again this many times, a few milliseconds apart, ...
+MISSING_RETRIES = 3
+#: ... then the transaction waits MISSING_RECHECK and starts again; a key
+#: still missing after MISSING_GRACE was lost (its server died between its
+#: two writes, or memcached evicted it: run it with -M): its place is skipped.
+MISSING_RECHECK = 0.05
+MISSING_GRACE = 1.0
+
+#: Operations on one pool from one server applied in one transaction at
+#: most: 5,000 /wait arriving together take a few dozen transactions, not
+#: 5,000 (which the other servers' CAS would keep failing), and one
+#: transaction's reads and writes stay small.
+MAX_BATCH = 256
 
 #: Marker states: settling (nothing granted yet) or in use.
 SETTLING = "settling"
@@ -189,10 +242,8 @@ IN_USE = "ok"
 #: The phases a transaction yields after (see MemcacheBackend._txn).
 READ = "read"
 APPLIED = "applied"
+WRITTEN = "written"
 
-#: What a transaction answers: the step, the state after it, the answers it
-#: took for this server's tickets, and its time on the monotonic clock.
-Result = Tuple[Step, PoolState, Dict[str, Answer], float]
 Marker = Tuple[str, str, float]  # incarnation, state, settling seconds
 Block = Tuple[str, float]  # block id, lock-delay seconds
 
@@ -245,12 +296,15 @@ class _Node:
 
 
 class _Record:
-    """A pool record decoded into this server's monotonic time."""
+    """A pool record decoded into this server's monotonic time, with the
+    head of its queue, and what a transaction changes in it."""
 
-    __slots__ = ("state", "incarnation", "loss", "block", "walls", "fresh")
+    __slots__ = ("state", "incarnation", "loss", "block", "walls", "fresh", "epoch", "lo", "seq", "left", "rs",
+                 "created", "wall", "old_obs", "seqs", "head", "skip", "hidden", "placed", "passed")
 
     def __init__(self, state: PoolState, incarnation: Optional[str], loss: Optional[str],
-                 block: Optional[Block], walls: Dict[tuple, float]) -> None:
+                 block: Optional[Block], walls: Dict[tuple, float], epoch: str, lo: int = 0, seq: int = 0,
+                 left: Optional[Set[int]] = None, rs: int = 0) -> None:
         self.state = state
         self.incarnation = incarnation  # the node's marker when it was written
         self.loss = loss  # the last node incarnation whose lock-delay this pool took
@@ -259,6 +313,63 @@ class _Record:
         # What this transaction writes for the first time (new lease
         # versions, a new block), and when: first seen only once written.
         self.fresh: Dict[tuple, float] = {}
+        # The queue: waiter keys NS:q:EPOCH:SEQ for SEQ in [lo, seq), but
+        # for the places in ``left``; the waiters placed below ``rs`` were
+        # dropped by a reset. A new epoch (a record created afresh) starts
+        # a new set of keys.
+        self.epoch = epoch
+        self.lo = lo
+        self.seq = seq
+        self.left = left if left is not None else set()
+        self.rs = rs
+        self.created = False
+        self.wall = 0.0  # the wall clock when it was read
+        self.old_obs: Dict[tuple, float] = {}  # first sightings before this read
+        self.seqs: Dict[str, int] = {}  # the waiters read: ticket id -> place
+        self.head: Set[str] = set()  # those of them read as the head of the queue
+        self.skip: Set[int] = set()  # places found with no waiter key: skipped
+        self.hidden = 0  # waiters behind the head that were not read
+        self.placed: List[Tuple[str, int, Ticket, bytes]] = []  # new waiters: id, place, ticket, key value
+        self.passed = (0, 0)  # the places the head moved past: their keys are deleted
+
+    @property
+    def count(self) -> int:
+        """The waiters in the queue."""
+        return self.seq - self.lo - len(self.left)
+
+
+class Result:
+    """What a transaction answers: the steps, the state after them (with the
+    part of the queue read), the answers it took for this server's tickets,
+    its time on the monotonic clock, and where the queue stands."""
+
+    __slots__ = ("steps", "state", "answers", "now", "placed", "epoch", "lo", "rs")
+
+    def __init__(self, steps: List[Step], record: _Record, answers: Dict[str, Answer], now: float) -> None:
+        self.steps = steps  # one per operation of the batch
+        self.state = record.state
+        self.answers = answers
+        self.now = now
+        self.placed = record.placed
+        self.epoch = record.epoch
+        self.lo = record.lo
+        self.rs = record.rs
+
+
+class _Op:
+    """One operation on a pool: the rule, and what its transaction must read
+    besides the head of the queue."""
+
+    __slots__ = ("fn", "leaving", "requeue", "full", "state", "now")
+
+    def __init__(self, fn: Operation, leaving: Sequence[str] = (), requeue: Sequence[Ticket] = (),
+                 full: bool = False) -> None:
+        self.fn = fn
+        self.leaving = leaving  # local tickets leaving: their places are read
+        self.requeue = requeue  # local tickets to queue again if they lost their places
+        self.full = full  # the whole queue (/status/, dropping every waiter)
+        self.state: Optional[PoolState] = None  # the state and time it was applied at
+        self.now = 0.0
 
 
 def _read_marker(raw: Optional[bytes]) -> Optional[Marker]:
@@ -276,7 +387,7 @@ def _marker(incarnation: str, state: str, settle: float = MARKER_SETTLE) -> byte
     return json.dumps({"i": incarnation, "s": state, "w": settle}, separators=(",", ":")).encode()
 
 
-def _drive(transaction: Generator[str, None, Result]) -> Result:
+def _drive(transaction: Generator[str, None, "Result"]) -> "Result":
     """Run a transaction's phases to the end."""
     while True:
         try:
@@ -301,9 +412,11 @@ class MemcacheBackend(Backend):
         self._ring = RendezvousHash(list(self.nodes))
         self._node_of: Dict[str, _Node] = {}
         self.threads = ThreadPool(minthreads=1, maxthreads=MAX_THREADS, name="distributex-memcache")
-        # One transaction per pool at a time from this server: local
-        # requests queue here instead of fighting each other with CAS.
-        self._locks: Dict[str, DeferredLock] = {}
+        # One transaction per pool at a time from this server: the local
+        # requests that arrive meanwhile wait here, and go together in the
+        # next one instead of fighting each other with CAS.
+        self._batches: Dict[str, List[Tuple[_Op, Deferred]]] = {}
+        self._running: Set[str] = set()
         # Pools this server has touched, and when last (monotonic): a loss
         # blocks them too. Pools made on demand are forgotten once no hold
         # this server saw in them can still run.
@@ -322,9 +435,17 @@ class MemcacheBackend(Backend):
         # Tickets that left locally but whose leave has not reached
         # memcached yet (it was down): retried by the poller.
         self._orphans: Dict[str, str] = {}  # ticket id -> pool
-        # Local tickets seen in their pool's record: if one vanishes without
-        # an answer (memcached lost its data), the poller queues it again.
-        self._queued: Dict[str, Ticket] = {}
+        # Our waiters with a place in their pool's queue, by pool, in the
+        # order of their places; where each place is (written by the
+        # transaction that took it); and those whose place was passed with
+        # no answer (see _passed), which the poller queues again.
+        self._mine: Dict[str, Dict[str, Ticket]] = {}
+        self._placed: Dict[str, Tuple[str, str, int]] = {}  # ticket id -> pool, epoch, place
+        self._lost_local: Dict[str, Set[str]] = {}
+        # The head of each pool's queue as last seen: read ahead with the record.
+        self._heads: Dict[str, Tuple[str, int, int, FrozenSet[int]]] = {}
+        # Waiter keys found missing, and since when (see _read_waiters).
+        self._missing: Dict[Tuple[str, int], float] = {}
         self._polling: Set[str] = set()
         self._stopping = False
         self._poller = LoopingCall(self._poll)
@@ -388,38 +509,60 @@ class MemcacheBackend(Backend):
     def _in_thread(self, f: Callable, *args: Any) -> Deferred:
         return deferToThreadPool(cast(Any, self.reactor), self.threads, f, *args)
 
-    def _run(self, name: str, operation: Operation) -> Deferred:
+    def _run(self, name: str, op: "_Op") -> Deferred:
+        """Apply the operation in the pool's next transaction from this
+        server; fire with its Step once committed (and dispatched)."""
         self._used[name] = self.mono()
-        lock = self._locks.get(name)
-        if lock is None:
-            lock = self._locks[name] = DeferredLock()
-        d = lock.run(self._attempt, name, operation)
-        d.addCallback(self._committed, name)
+        d: Deferred = Deferred()
+        self._batches.setdefault(name, []).append((op, d))
+        if name not in self._running:
+            self._next_batch(None, name)
         return d
 
-    def _attempt(self, name: str, operation: Operation) -> Deferred:
-        return self._submit(name, operation).addErrback(self._later, name, operation)
+    def _next_batch(self, _: object, name: str) -> None:
+        waiting = self._batches.pop(name, None)
+        if not waiting:
+            self._running.discard(name)
+            return
+        batch, rest = waiting[:MAX_BATCH], waiting[MAX_BATCH:]
+        if rest:
+            self._batches[name] = rest
+        self._running.add(name)
+        d = self._attempt(name, [op for op, _ in batch])
+        d.addCallback(self._committed, name)
+        d.addCallbacks(_answer_batch, _fail_batch, callbackArgs=(batch,), errbackArgs=(batch,))
+        d.addBoth(self._next_batch, name)
 
-    def _later(self, failure: Failure, name: str, operation: Operation) -> Deferred:
-        """The node is settling: the request waits, then tries again."""
+    def _attempt(self, name: str, ops: List["_Op"]) -> Deferred:
+        return self._submit(name, ops).addErrback(self._later, name, ops)
+
+    def _later(self, failure: Failure, name: str, ops: List["_Op"]) -> Deferred:
+        """The node is settling, or a waiter key is being written: the
+        requests wait, then try again."""
         failure.trap(_NotYet)
         if self._stopping:
             raise BackendUnavailable("the server is stopping")
         delay = cast(_NotYet, failure.value).delay
-        return deferLater(self.reactor, delay, self._attempt, name, operation)
+        return deferLater(self.reactor, delay, self._attempt, name, ops)
 
-    def _submit(self, name: str, operation: Operation) -> Deferred:
+    def _submit(self, name: str, ops: List["_Op"]) -> Deferred:
         """Run one transaction (a hook: tests run the phases themselves)."""
-        return self._in_thread(self._transact, name, operation)
+        return self._in_thread(self._transact, name, ops)
 
-    def _transact(self, name: str, operation: Operation) -> Result:
-        return _drive(self._txn(name, operation))
+    def _transact(self, name: str, ops: List["_Op"]) -> "Result":
+        return _drive(self._txn(name, ops))
 
     def _apply(self, name: str, operation: Operation) -> Deferred:
-        return self._run(name, operation).addCallback(lambda result: result[0])
+        return self._run(name, _Op(operation))
+
+    def reset(self, pool: str, host: Optional[str] = None, session: Optional[str] = None,
+              origin: str = "") -> Deferred:
+        # Dropping every waiter reads the whole queue: each one gets its NO.
+        return self._run(pool, _Op(lambda p, now: p.reset(now, host, session, origin), full=host is None))
 
     def _snapshot(self, name: str) -> Deferred:
-        return self._run(name, _tick).addCallback(lambda result: (self._spec(name), result[1], result[3]))
+        op = _Op(_tick, full=True)
+        return self._run(name, op).addCallback(lambda _: (self._spec(name), op.state, op.now))
 
     def health(self) -> Deferred:
         """Every memcached answers, and this server's clock agrees with theirs."""
@@ -442,28 +585,58 @@ class MemcacheBackend(Backend):
         named = list(self.pools)
         return named + sorted(self._busy - set(named))
 
-    def _committed(self, result: Result, name: str) -> Result:
-        step, state, answers, now = result
+    def _committed(self, result: "Result", name: str) -> "Result":
+        now = result.now
         self._flush_events()
-        self._dispatch(step)
+        for step in result.steps:
+            self._dispatch(step)
         # Outcomes that other servers gave our tickets: the transaction took
         # them out of the record, so each is delivered once, here.
-        for ticket_id, answer in answers.items():
+        for ticket_id, answer in result.answers.items():
             local = self._tickets.get(ticket_id)
+            if local is None:
+                continue
             if answer.kind == LAPSED:
                 # Its grant ended before anyone was told: the connection
-                # still waits, and the poller queues it again (_requeue).
+                # still waits, and queues again.
+                self._lost_local.setdefault(name, set()).add(ticket_id)
                 continue
-            if local is not None:
-                token = None if answer.kind == RESET else answer.token  # a dropped waiter: NO
-                self._deliver(ticket_id, Event(answer.kind, name, local.host, "", token,
-                                               ticket_id, now, local.session))
-        for ticket_id, local in self._tickets.items():
-            if local.pool == name:
-                ticket = state.queue.get(ticket_id)
-                if ticket is not None:
-                    self._queued[ticket_id] = ticket  # seen queued: see _requeue
+            token = None if answer.kind == RESET else answer.token  # a dropped waiter: NO
+            self._deliver(ticket_id, Event(answer.kind, name, local.host, "", token, ticket_id, now, local.session))
+            self._placed.pop(ticket_id, None)
+        mine = self._mine.get(name)
+        for ticket_id, _, ticket, _ in result.placed:
+            if ticket_id in self._tickets:
+                if mine is None:
+                    mine = self._mine[name] = {}
+                mine.pop(ticket_id, None)
+                mine[ticket_id] = ticket  # placed in seq order: see below
+        if mine:
+            self._passed(name, mine, result)
         return result
+
+    def _passed(self, name: str, mine: Dict[str, Ticket], result: "Result") -> None:
+        """Our waiters that the queue's head has passed with no answer for
+        them: dropped by an operator's reset (NO), or lost (skipped, taken
+        for a dead server's, lost with the record): they queue again.
+
+        ``mine`` is in the order of their places, so this looks at the
+        passed ones and one more: its cost does not grow with the queue."""
+        epoch, lo, rs = result.epoch, result.lo, result.rs
+        passed = []
+        for ticket_id in mine:
+            placed = self._placed.get(ticket_id)
+            if placed is not None and placed[1] == epoch and placed[2] >= lo:
+                break
+            passed.append((ticket_id, placed))
+        for ticket_id, placed in passed:
+            if placed is not None and placed[1] == epoch and placed[2] < rs:
+                local = self._tickets[ticket_id]
+                self._deliver(ticket_id, Event(RESET, name, local.host, "", None, ticket_id, result.now,
+                                               local.session))
+                self._placed.pop(ticket_id, None)
+            else:
+                self._lost_local.setdefault(name, set()).add(ticket_id)
 
     def _flush_events(self) -> None:
         if self._pending_events:
@@ -473,17 +646,31 @@ class MemcacheBackend(Backend):
             self._dispatch(step)
 
     def _close(self, ticket_id: str, state: str) -> Optional[Deferred]:
-        self._queued.pop(ticket_id, None)
+        local = self._tickets.get(ticket_id)
+        if local is not None:
+            mine = self._mine.get(local.pool)
+            if mine is not None:
+                mine.pop(ticket_id, None)
+                if not mine:
+                    del self._mine[local.pool]
+            lost = self._lost_local.get(local.pool)
+            if lost is not None:
+                lost.discard(ticket_id)
+        if state is ANSWERED:
+            self._placed.pop(ticket_id, None)  # a ticket that left keeps it for its leave
         return super()._close(ticket_id, state)
 
     def _leave(self, pool: str, tickets: List[str]) -> Deferred:
         for ticket_id in tickets:
             self._orphans[ticket_id] = pool
-        return super()._leave(pool, tickets)
+        d = self._run(pool, _Op(lambda p, now: _leave_all(p, tickets, now), leaving=tickets))
+        return d.addCallbacks(lambda _: self._left(tickets), lambda f: self.log.error(
+            "leaving the queue of {pool}: {f.value}", pool=pool, f=f))
 
     def _left(self, tickets: List[str]) -> None:
         for ticket_id in tickets:
             self._orphans.pop(ticket_id, None)
+            self._placed.pop(ticket_id, None)
 
     # -- the transaction (runs in a worker thread) --------------------------------
 
@@ -497,10 +684,11 @@ class MemcacheBackend(Backend):
         except MemcacheError as e:  # an answer, not a lost connection: retrying will not help
             raise BackendUnavailable(f"memcached: {e or type(e).__name__}") from None
 
-    def _txn(self, name: str, operation: Operation) -> Generator[str, None, Result]:
-        """One transaction, as phases: it yields READ once the record is
-        read, APPLIED once the rule is applied (the write comes next), and
-        returns the Result once the write landed.
+    def _txn(self, name: str, ops: List["_Op"]) -> Generator[str, None, "Result"]:
+        """One transaction, as phases: it yields READ once the record (and
+        the head of the queue) is read, APPLIED once the rule is applied
+        (the write comes next), WRITTEN once the record's write landed (the
+        waiter keys come next), and returns the Result.
 
         After a memcached restart every pooled connection is dead, and each
         fails once, at once, before pymemcache replaces it. Retrying is safe:
@@ -513,11 +701,15 @@ class MemcacheBackend(Backend):
         node = self._node(name)
         key, marker_key = self._pool_key(name), self._marker_key
         failures = attempts = 0
+        window = spec.maxlocks + QUEUE_WINDOW
         while True:
             try:
                 self._check_clock(node)
                 version = node.version
-                got = self._call(node.client.gets_many, [key, marker_key])
+                # The head of the queue as this server last saw it, read in
+                # the same round trip (checked against the record below).
+                ahead = self._ahead(name, window)
+                got = self._call(node.client.gets_many, [key, marker_key] + ahead)
                 yield READ
                 now, wall = self.mono(), self.wall()
                 raw, cas = got.get(key, (None, None))
@@ -529,12 +721,26 @@ class MemcacheBackend(Backend):
                     if attempts >= MAX_CAS_ATTEMPTS:
                         raise BackendUnavailable(f"pool {name!r}: memcached {node.address} keeps changing")
                     continue
-                record, data, step, answers = self._transition(node, spec, incarnation, settling, raw,
-                                                               operation, now, wall)
+                asked = set(ahead)
+                values = {k: v for k, (v, _) in got.items() if k in asked}
+                outcome = None
+                while outcome is None:
+                    record, lost = self._open(node, spec, incarnation, raw, now, wall)
+                    if not self._read_waiters(node, name, record, values, asked, window, ops, cas, now):
+                        break  # another server changed the record meanwhile
+                    outcome = self._transition(node, spec, incarnation, settling, record, lost, ops, now, wall)
+                    if outcome is None:
+                        window *= 4  # the rules ran past the head read: read more of the queue
+                if outcome is None:
+                    attempts += 1
+                    if attempts >= MAX_CAS_ATTEMPTS:
+                        raise BackendUnavailable(f"pool {name!r}: too much contention")
+                    continue
+                data, steps, answers = outcome
                 yield APPLIED
                 if data is None:
                     self._noted(node, name, incarnation, record)
-                    return step, record.state, answers, now  # nothing to write
+                    return Result(steps, record, answers, now)
                 if raw is None:
                     stored = self._call(node.client.add, key, data, noreply=False)
                 else:
@@ -544,7 +750,11 @@ class MemcacheBackend(Backend):
                     if raw is None:
                         self._check_unchanged(node, incarnation)
                     self._noted(node, name, incarnation, record)
-                    return step, record.state, answers, now
+                    for ticket_id, seq, _, _ in record.placed:
+                        self._placed[ticket_id] = (name, record.epoch, seq)
+                    yield WRITTEN
+                    self._write_waiters(node, record)
+                    return Result(steps, record, answers, now)
                 attempts += 1
                 if attempts >= MAX_CAS_ATTEMPTS:
                     raise BackendUnavailable(
@@ -555,26 +765,140 @@ class MemcacheBackend(Backend):
                 if failures > MAX_THREADS:
                     raise
 
-    def _transition(self, node: _Node, spec: PoolSpec, incarnation: str, settling: float,
-                    raw: Optional[bytes], operation: Operation, now: float, wall: float
-                    ) -> Tuple[_Record, Optional[bytes], Step, Dict[str, Answer]]:
-        """Apply the operation to the record read; the bytes to write, if any.
+    def _open(self, node: _Node, spec: PoolSpec, incarnation: str, raw: Optional[bytes], now: float,
+              wall: float) -> Tuple[_Record, Optional[str]]:
+        """The record read, decoded; and why it counts as lost, if it does."""
+        name = spec.name
+        if raw is None:
+            record = _Record(PoolState(last_token=self._floor(name, wall)), incarnation, None, None, {}, _epoch())
+            record.created = True
+            self._obs[name] = {}
+            lost = "its record vanished (evicted? run memcached with -M)" if name in node.seen else None
+        else:
+            record = self._load(name, raw, now, wall)
+            lost = None
+            if record.incarnation != incarnation and record.loss != incarnation:
+                lost = "its record predates the node's marker (the marker was lost)"
+        record.wall = wall
+        return record, lost
+
+    # -- the queue: one key per waiter ---------------------------------------------
+
+    def _q_key(self, epoch: str, seq: int) -> str:
+        return f"{self.namespace}:q:{epoch}:{seq}"
+
+    def _ahead(self, name: str, window: int) -> List[str]:
+        view = self._heads.get(name)
+        if view is None:
+            return []
+        epoch, lo, end, left = view
+        return [self._q_key(epoch, seq) for seq in _head(lo, end, left, window)]
+
+    def _read_waiters(self, node: _Node, name: str, record: _Record, values: Dict[str, bytes],
+                      asked: Set[str], window: int, ops: List["_Op"], cas: Any, now: float) -> bool:
+        """Put the head of the queue in the record's state: its first
+        ``window`` waiters (all of them for a ``full`` operation), and the
+        places of the tickets the operation is leaving with. False when the
+        record changed since it was read (read it again).
+
+        A key that the record counts but that is not there is being written
+        by its server (it writes it right after the record): read again,
+        then wait (_NotYet), and skipped once it has been missing for
+        MISSING_GRACE."""
+        epoch = record.epoch
+        full = any(op.full for op in ops)
+        head = _head(record.lo, record.seq, record.left, record.count if full else window)
+        end = head[-1] + 1 if head else record.lo
+        extra = []
+        for ticket_id in [t for op in ops for t in op.leaving]:
+            placed = self._placed.get(ticket_id)
+            if (placed is not None and placed[0] == name and placed[1] == epoch and end <= placed[2] < record.seq
+                    and placed[2] not in record.left):
+                extra.append(placed[2])
+        keys = {seq: self._q_key(epoch, seq) for seq in head + extra}
+        found = {seq: values[k] for seq, k in keys.items() if k in values}
+        unread = [seq for seq, k in keys.items() if k not in asked]
+        found.update(self._get_waiters(node, keys, unread))
+        missing = [seq for seq in head if seq not in found]
+        for attempt in range(MISSING_RETRIES):
+            if not missing:
+                break
+            time.sleep(0.001 * (attempt + 1))
+            found.update(self._get_waiters(node, keys, missing))
+            missing = [seq for seq in missing if seq not in found]
+        if missing:
+            if self._call(node.client.gets, self._pool_key(name))[1] != cas:
+                return False  # another server moved the queue on meanwhile
+            since = [self._missing.setdefault((epoch, seq), now) for seq in missing]
+            if now - max(since) < MISSING_GRACE:
+                raise _NotYet(MISSING_RECHECK)
+            self.log.warn("pool {pool}: waiter places {seqs} were never written (a server died between its "
+                          "two writes, or memcached evicted them): skipped", pool=name, seqs=missing)
+        record.skip = set(missing) | {seq for seq in extra if seq not in found}
+        obs = self._obs.setdefault(name, {})
+        state = record.state
+        heads = set(head)
+        for seq in sorted(found):
+            self._missing.pop((epoch, seq), None)
+            try:
+                ticket_id, host, session, label, queued, server, origin = json.loads(found[seq])
+            except (ValueError, TypeError):
+                record.skip.add(seq)  # not ours, or damaged: nobody can be told
+                continue
+            if ("t", ticket_id) not in obs:
+                obs[("t", ticket_id)] = record.old_obs.get(("t", ticket_id), now)
+            state.queue[ticket_id] = Ticket(ticket_id, host, label, min(now, now - (record.wall - queued)), server,
+                                            session, origin)
+            record.seqs[ticket_id] = seq
+            if seq in heads:
+                record.head.add(ticket_id)
+        record.hidden = record.count - len(record.seqs) - len(record.skip)
+        return True
+
+    def _get_waiters(self, node: _Node, keys: Dict[int, str], seqs: List[int]) -> Dict[int, bytes]:
+        found: Dict[int, bytes] = {}
+        for i in range(0, len(seqs), READ_CHUNK):
+            chunk = {keys[seq]: seq for seq in seqs[i:i + READ_CHUNK]}
+            for k, value in self._call(node.client.get_many, list(chunk)).items():
+                found[chunk[k]] = value
+        return found
+
+    def _write_waiters(self, node: _Node, record: _Record) -> None:
+        """After the record's write: the keys of the waiters it queued, and
+        the removal of those its head has passed (best effort: keys of a
+        past place are never read again)."""
+        epoch = record.epoch
+        if record.placed:
+            values = {self._q_key(epoch, seq): value for _, seq, _, value in record.placed}
+            for _ in range(3):
+                try:
+                    if not self._call(node.client.set_many, values, noreply=False):
+                        break
+                except BackendUnavailable as e:
+                    self.log.warn("writing waiter keys: {e}", e=e)
+            else:
+                self.log.error("could not write waiter keys {keys}: other servers skip them after {grace:g} s, "
+                               "and their waiters queue again", keys=sorted(values), grace=MISSING_GRACE)
+        start, end = record.passed
+        for i in range(start, end, READ_CHUNK):
+            try:
+                self._call(node.client.delete_many, [self._q_key(epoch, seq)
+                                                     for seq in range(i, min(end, i + READ_CHUNK))], noreply=True)
+            except BackendUnavailable:
+                break  # left to memcached's LRU
+
+    def _transition(self, node: _Node, spec: PoolSpec, incarnation: str, settling: float, record: _Record,
+                    lost: Optional[str], ops: List["_Op"], now: float, wall: float
+                    ) -> Optional[Tuple[Optional[bytes], List[Step], Dict[str, Answer]]]:
+        """Apply the operations, in order, to the record read: the bytes to
+        write, if any, and their steps; None when the rules need more of the
+        queue than was read.
 
         While the node settles, a pool that could grant waits (_NotYet); one
         in lock-delay past the settling answers at once (it grants nothing).
         """
         name = spec.name
-        dirty = raw is None
-        lost = None
-        if raw is None:
-            record = _Record(PoolState(last_token=self._floor(name, wall)), incarnation, None, None, {})
-            self._obs[name] = {}
-            if name in node.seen:
-                lost = "its record vanished (evicted? run memcached with -M)"
-        else:
-            record = self._load(name, raw, now, wall)
-            if record.incarnation != incarnation and record.loss != incarnation:
-                lost = "its record predates the node's marker (the marker was lost)"
+        dirty = record.created
         blocked: List[Event] = []
         if lost is not None:
             blocked = self._block_record(record, spec, incarnation, now, wall)
@@ -595,17 +919,74 @@ class MemcacheBackend(Backend):
         if record.incarnation != incarnation:
             record.incarnation = incarnation
             dirty = True
+        if record.hidden and not record.head:
+            return None  # the head was all skipped: read further
         self._note_block(name, state.blocked_until)
-        pool = Pool(spec, state, self.wall)
+        pool = Pool(partial_spec(spec, record.hidden), state, self.wall)
         pruned = self._prune(node, pool, now)
-        step = operation(pool, now)
-        step.events[:0] = blocked + pruned
+        steps = [self._requeue(pool, record, op.requeue, now) if op.requeue else op.fn(pool, now) for op in ops]
+        steps[0].events[:0] = blocked + pruned
+        events = [e for step in steps for e in step.events]
+        if record.hidden and not _head_enough(record, spec, events, now):
+            return None
+        for step in steps:
+            if step.refused is not None:
+                step.refused = queue_full(spec)
         # Delivered now, so renewed from now; one whose hold has lapsed
         # (this server was paused, or slow) comes back LAPSED: not delivered.
         answers = pool.take_answers(self.server_id, now)
-        if step.events or answers:
+        if self._moved(record, events, now, wall) or events or answers:
             dirty = True
-        return record, (self._dump(name, record, now, wall) if dirty else None), step, answers
+        for op in ops:
+            op.state, op.now = state, now
+        return (self._dump(name, record, now, wall) if dirty else None), steps, answers
+
+    def _requeue(self, pool: Pool, record: _Record, tickets: Sequence[Ticket], now: float) -> Step:
+        """Settle the pool, and queue again (at the back: the order was lost
+        with the place) our waiters whose place the queue passed with no
+        answer (see _passed), or which memcached lost with the record."""
+        step = pool.tick(now)
+        state = pool.state
+        for ticket in tickets:
+            placed = self._placed.get(ticket.id)
+            if (placed is not None and placed[1] == record.epoch and record.lo <= placed[2] < record.seq
+                    and placed[2] not in record.left and placed[2] not in record.skip):
+                continue  # still in its place
+            if ticket.id in state.queue or ticket.id in state.answers:
+                continue  # in the head read, or answered (taken by this transaction)
+            step.events += pool.wait(ticket, now).events
+        return step
+
+    def _moved(self, record: _Record, events: List[Event], now: float, wall: float) -> bool:
+        """Turn what the rules did to the queue into the record's counters:
+        new waiters take the next places (their keys are written once the
+        record is), places taken out are marked left, and the head moves
+        past every left place. True if anything changed."""
+        state = record.state
+        removed = {seq for ticket_id, seq in record.seqs.items() if ticket_id not in state.queue} | record.skip
+        new = [t for ticket_id, t in state.queue.items() if ticket_id not in record.seqs]
+        # Every waiter dropped by an operator's reset (a full read): their
+        # servers learn it from ``rs``, not from one answer each.
+        dropped = any(e.kind == RESET and e.token is None for e in events)
+        if not (removed or new or dropped):
+            return False
+        if dropped:
+            record.rs = record.seq
+            for ticket_id in [t for t, a in state.answers.items() if a.kind == RESET]:
+                del state.answers[ticket_id]
+        left = record.left | removed
+        for ticket in new:
+            record.placed.append((ticket.id, record.seq, ticket, _json(
+                [ticket.id, ticket.host, ticket.session, ticket.label, wall - (now - ticket.queued_at), ticket.server,
+                 ticket.origin])))
+            record.fresh[("t", ticket.id)] = now
+            record.seq += 1
+        lo = start = record.lo
+        while lo in left:
+            left.discard(lo)
+            lo += 1
+        record.lo, record.left, record.passed = lo, left, (start, lo)
+        return True
 
     def _block_record(self, record: _Record, spec: PoolSpec, incarnation: str, now: float,
                       wall: float) -> List[Event]:
@@ -639,7 +1020,8 @@ class MemcacheBackend(Backend):
             if node.incarnation == incarnation:
                 node.seen.add(name)
         self._saw_token(name, state.last_token)
-        if state.holders or state.queue:
+        self._heads[name] = (record.epoch, record.lo, record.seq, frozenset(record.left))
+        if state.holders or record.count:
             self._busy.add(name)
         else:
             self._busy.discard(name)
@@ -677,8 +1059,10 @@ class MemcacheBackend(Backend):
             # Another format (an older distributex), or damaged: what it
             # held is unknown here, so it counts as lost; its token is kept.
             token = data.get("tok", data.get("t")) if isinstance(data, dict) else None
-            record = _Record(PoolState(last_token=token if isinstance(token, int) else 0), None, None, None, {})
+            record = _Record(PoolState(last_token=token if isinstance(token, int) else 0), None, None, None, {},
+                             _epoch())
             obs.clear()
+        record.old_obs = old
         self._obs[name] = obs  # only what the record holds: the table stays bounded
         self._saw_token(name, record.state.last_token)
         return record
@@ -687,17 +1071,12 @@ class MemcacheBackend(Backend):
                 first_seen: Callable[[tuple], float]) -> _Record:
         state = PoolState(last_token=int(data["tok"]))
         walls: Dict[tuple, float] = {}
-        for host, session, label, token, renewals, granted, lease, ticket, server, *rest in data["h"]:
+        for host, session, label, token, renewals, granted, lease, ticket, server, origin in data["h"]:
             start = first_seen(("h", host, session, token, renewals))
             walls[("h", host, session, token)] = granted
             state.holders[(host, session)] = Hold(
                 host, label, token, min(now, now - (wall - granted)), None if lease is None else start + lease,
-                ticket, server, session, renewals, rest[0] if rest else "")
-        for ticket_id, host, session, label, queued, server, *rest in data["q"]:
-            first_seen(("t", ticket_id))
-            walls[("t", ticket_id)] = queued
-            state.queue[ticket_id] = Ticket(ticket_id, host, label, min(now, now - (wall - queued)), server, session,
-                                            rest[0] if rest else "")
+                ticket, server, session, renewals, origin)
         for ticket_id, (kind, token, server) in data["a"].items():
             first_seen(("a", ticket_id))
             state.answers[ticket_id] = Answer(kind, token, server)
@@ -707,7 +1086,8 @@ class MemcacheBackend(Backend):
         if block is not None:
             block = (str(block[0]), float(block[1]))
             state.blocked_until = first_seen(("b", block[0])) + block[1]
-        return _Record(state, data["n"], data["L"], block, walls)
+        return _Record(state, data["n"], data["L"], block, walls, str(data["e"]), int(data["lo"]), int(data["seq"]),
+                       {int(seq) for seq in data["x"]}, int(data["rs"]))
 
     def _dump(self, name: str, record: _Record, now: float, wall: float) -> bytes:
         obs = self._obs.get(name, {})
@@ -723,25 +1103,23 @@ class MemcacheBackend(Backend):
             granted = walls.get(("h", h.host, h.session, h.token), wall - (now - h.granted_at))
             holds.append([h.host, h.session, h.label, h.token, h.renewals, granted,
                           None if h.expires_at is None else h.expires_at - start, h.ticket, h.server, h.origin])
-        queue = []
-        for t in state.queue.values():
-            if ("t", t.id) not in obs:
-                fresh[("t", t.id)] = now
-            queue.append([t.id, t.host, t.session, t.label, walls.get(("t", t.id), wall - (now - t.queued_at)),
-                          t.server, t.origin])
         for ticket_id in state.answers:
             if ("a", ticket_id) not in obs:
                 fresh[("a", ticket_id)] = now
-        return json.dumps({
+        return _json({
             "v": RECORD_VERSION,
             "n": record.incarnation,
             "L": record.loss,
             "tok": state.last_token,
             "b": None if record.block is None else list(record.block),
             "h": holds,
-            "q": queue,
             "a": {tid: [a.kind, a.token, a.server] for tid, a in state.answers.items()},
-        }, separators=(",", ":")).encode()
+            "e": record.epoch,
+            "lo": record.lo,
+            "seq": record.seq,
+            "x": sorted(record.left),
+            "rs": record.rs,
+        })
 
     # -- the node: its marker, its losses, its clock ----------------------------
 
@@ -817,8 +1195,7 @@ class MemcacheBackend(Backend):
             block = [uuid.uuid4().hex[:16], _lock_delay(spec)]
             data: Dict[str, Any]
             if raw is None:
-                data = {"v": RECORD_VERSION, "n": incarnation, "L": incarnation, "tok": floor, "b": block,
-                        "h": [], "q": [], "a": {}}
+                data = dict(_empty_record(), n=incarnation, L=incarnation, tok=floor, b=block)
                 if self._call(node.client.add, key, _json(data), noreply=False):
                     self._blocked_by_loss(name, block, now)
                     return
@@ -828,7 +1205,7 @@ class MemcacheBackend(Backend):
                 if data.get("v") != RECORD_VERSION:
                     raise ValueError("record version")
             except (ValueError, AttributeError):
-                data = {"v": RECORD_VERSION, "n": None, "L": None, "tok": 0, "b": None, "h": [], "q": [], "a": {}}
+                data = _empty_record()
             self._saw_token(name, data["tok"])
             if data["L"] == incarnation:
                 # Blocked for this loss already; the tokens this server saw
@@ -918,10 +1295,15 @@ class MemcacheBackend(Backend):
         if not dead:
             return []
         # A ticket seen for less than the presence TTL may belong to a server
-        # that has not written its presence yet.
+        # that has not written its presence yet; one queued longer ago than
+        # that by the clocks (within MAX_CLOCK_SKEW of memcached's) may not:
+        # a dead server's waiters reach the head of the queue long after
+        # they queued, and are dropped at once.
         obs = self._obs.get(pool.spec.name, {})
         old = now - PRESENCE_TTL
-        events = pool.prune(lambda t: t.server in dead and obs.get(("t", t.id), now) <= old, now).events
+        long_ago = old - 2 * MAX_CLOCK_SKEW
+        events = pool.prune(lambda t: t.server in dead and (obs.get(("t", t.id), now) <= old
+                                                            or t.queued_at <= long_ago), now).events
         for ticket_id, answer in list(state.answers.items()):
             if answer.server in dead and obs.get(("a", ticket_id), now) <= old:
                 events += pool.leave(ticket_id, now).events
@@ -981,35 +1363,38 @@ class MemcacheBackend(Backend):
             spec = self._spec(name)
             if spec is not None and now - used < 2 * _lock_delay(spec):
                 continue
-            lock = self._locks.get(name)
-            if lock is not None and (lock.locked or lock.waiting):
+            if name in self._running:
                 continue
-            for table in (self._used, self._locks, self._obs, self._last_token, self._node_of, self._blocked):
+            for table in (self._used, self._obs, self._last_token, self._node_of, self._blocked,
+                          self._heads):
                 table.pop(name, None)
             self._busy.discard(name)
 
     def _poll(self) -> None:
-        """Re-read the pools where local connections wait (grants by other
-        servers, expiries, dead servers' tickets) or where a leave is owed."""
-        waiting = set()
-        for ticket_id, local in list(self._tickets.items()):
-            if self._node(local.pool).skewed:
-                # This server's clock is off: its waiters get ERROR now
-                # rather than a grant it cannot make safely.
-                waiter = self._close(ticket_id, LEFT)
-                if waiter is not None:
-                    self._orphans[ticket_id] = local.pool
-                    waiter.errback(BackendUnavailable("this server's clock is off memcached's"))
-                continue
-            waiting.add(local.pool)
+        """Re-read the pools where our waiters have places (grants by other
+        servers, expiries, dead servers' tickets, lost places), or where a
+        leave is owed: one transaction per pool, whatever the number of
+        waiters."""
+        skewed = {name for name in set(self._mine) | set(self._lost_local) if self._node(name).skewed}
+        if skewed:
+            for ticket_id, local in list(self._tickets.items()):
+                if local.pool in skewed:
+                    # This server's clock is off: its waiters get ERROR now
+                    # rather than a grant it cannot make safely.
+                    waiter = self._close(ticket_id, LEFT)
+                    if waiter is not None:
+                        self._orphans[ticket_id] = local.pool
+                        waiter.errback(BackendUnavailable("this server's clock is off memcached's"))
         owing = {pool for pool in self._orphans.values() if not self._node(pool).skewed}
-        for name in (waiting | owing) - self._polling:
+        for name in (set(self._mine) | set(self._lost_local) | owing) - skewed - self._polling:
             self._polling.add(name)
             owed = [t for t, pool in self._orphans.items() if pool == name]
-            mine = [t for t in self._queued.values() if t.id in self._tickets and self._tickets[t.id].pool == name]
-            # mine=mine: each pool's own tickets (a closure would see the last pool's).
-            d = self._leave(name, owed) if owed else self._apply(
-                name, lambda p, now, mine=mine: _requeue(p, mine, now))  # type: ignore[misc]
+            if owed:
+                d = self._leave(name, owed)
+            else:
+                mine = self._mine.get(name, {})
+                lost = [mine[t] for t in self._lost_local.pop(name, ()) if t in mine]
+                d = self._run(name, _Op(_tick, requeue=lost))
             d.addErrback(self._poll_failed, name)
             d.addBoth(self._polled, name)
 
@@ -1024,25 +1409,60 @@ def _lock_delay(spec: PoolSpec) -> float:
     return max(spec.expire or DEFAULT_EXPIRE, LOCK_DELAY_MIN)
 
 
-def _json(data: Dict[str, Any]) -> bytes:
+def _json(data: Any) -> bytes:
     return json.dumps(data, separators=(",", ":")).encode()
+
+
+def _epoch() -> str:
+    return uuid.uuid4().hex[:16]
+
+
+def _empty_record() -> Dict[str, Any]:
+    return {"v": RECORD_VERSION, "n": None, "L": None, "tok": 0, "b": None, "h": [], "a": {}, "e": _epoch(),
+            "lo": 0, "seq": 0, "x": [], "rs": 0}
 
 
 def _tick(pool: Pool, now: float) -> Step:
     return pool.tick(now)
 
 
-def _requeue(pool: Pool, tickets: List[Ticket], now: float) -> Step:
-    """Settle the pool, and queue again the local tickets that vanished from it.
+def _answer_batch(result: Result, batch: List[Tuple["_Op", Deferred]]) -> None:
+    for (_, d), step in zip(batch, result.steps):
+        d.callback(step)
 
-    A ticket this server saw queued that is neither queued nor answered any
-    more was lost with memcached's data (or dropped by a server that took
-    this one for dead): its connection still waits, so it queues again, at
-    the back, since the order was lost too. A ticket with an answer waiting
-    is not queued again: the answer is taken by this transaction.
-    """
-    step = pool.tick(now)
-    for ticket in tickets:
-        if ticket.id not in pool.state.queue and ticket.id not in pool.state.answers:
-            step.events += pool.wait(ticket, now).events
-    return step
+
+def _fail_batch(failure: Failure, batch: List[Tuple["_Op", Deferred]]) -> None:
+    for _, d in batch:
+        d.errback(failure)
+
+
+def _head(lo: int, end: int, left: AbstractSet[int], limit: int) -> List[int]:
+    """The first ``limit`` places in [lo, end) that are not left."""
+    if not left:
+        return list(range(lo, min(end, lo + limit)))
+    head: List[int] = []
+    seq = lo
+    while seq < end and len(head) < limit:
+        if seq not in left:
+            head.append(seq)
+        seq += 1
+    return head
+
+
+def _head_enough(record: _Record, spec: PoolSpec, events: List[Event], now: float) -> bool:
+    """Whether the rules, which saw only the head of the queue, did what
+    they would have done seeing all of it: they grant in queue order, so
+    only once the head is used up can a slot be left for a waiter not read,
+    or go to someone behind them (a /get, a new waiter, one read out of
+    order)."""
+    state = record.state
+    if any(ticket_id in state.queue for ticket_id in record.head):
+        return True
+    if len(state.holders) < spec.maxlocks and now >= state.blocked_until:
+        return False
+    for e in events:
+        if e.kind == GRANTED and e.ticket not in record.head:
+            return False
+        if e.kind == RENEWED and e.ticket in record.seqs and e.ticket not in record.head:
+            return False
+    return True

@@ -1,0 +1,449 @@
+"""The memcache backend's queue (one key per waiter) under interleavings,
+against REAL memcached.
+
+Three MemcacheBackend instances share one memcached. Their transactions do
+not run in threads: each is a generator of phases (read, apply, write the
+record, write the waiter keys), and a Hypothesis state machine decides which
+server's phase runs next, so another server may read the record between a
+change and the waiter key it promises. Each transaction reads only the head
+of the queue (QUEUE_WINDOW is 0 here: maxlocks waiters), so the paths that
+read further are taken all the time.
+
+The model replays every committed transaction in the order of its write
+(reads commit where they read) and checks, against the places the
+transactions gave:
+
+- a waiter is granted only when nobody holds a place before it;
+- a /get is never granted while anyone holds a place;
+- a /wait is refused only when max_waiters places are held;
+- never more than maxlocks holders;
+- and, once everything has run, every open waiter is granted in turn as
+  the holders release, and the queue's count comes back to 0.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import sys
+import time
+from typing import Any, Dict, List, Optional, Set, Tuple
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule, run_state_machine_as_test
+from pymemcache.client.base import Client
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+
+from distributex.backend import memcache
+from distributex.backend.base import BackendUnavailable, QueueFull, WaitReset
+from distributex.backend.memcache import APPLIED, WRITTEN, MemcacheBackend, make_nodes
+from distributex.config import parse_config
+from distributex.pool import EXPIRED, GRANTED, LEFT, QUEUED, RELEASED, RENEWED, RESET, Hold
+
+pytestmark = pytest.mark.timeout(600)
+
+POOLS = {"one": (1, 0), "two": (2, 0.2)}  # name -> maxlocks, expire (0: never)
+MAX_WAITERS = 5
+SERVERS = 3
+
+
+class Txn:
+    def __init__(self, server: "Server", name: str, gen: Any, deferred: Deferred) -> None:
+        self.server = server
+        self.name = name
+        self.gen = gen
+        self.deferred = deferred
+        self.commit: Optional[int] = None
+        self.phase: Optional[str] = None
+
+
+class Server(MemcacheBackend):
+    def __init__(self, machine: "QueueMachine", index: int) -> None:
+        self.machine = machine
+        self.index = index
+        clock = Clock()
+        super().__init__(machine.config, clock, nodes=make_nodes(machine.config.memcache_servers),
+                         mono=lambda: machine.now + 1000.0 * (index + 1), wall=machine.wall)
+        self.clock = clock
+        self._beat_now()
+
+    def _submit(self, name: str, op: Any) -> Deferred:
+        d: Deferred = Deferred()
+        self.machine.inflight.append(Txn(self, name, self._txn(name, op), d))
+        return d
+
+    def _stats(self, node: Any) -> Dict[bytes, Any]:
+        # A memcached up for long, never flushed: a new namespace is in use
+        # at once (the settling of a new marker is tested elsewhere).
+        stats = dict(super()._stats(node))
+        stats[b"uptime"] = 10 ** 6
+        return stats
+
+    def close(self) -> None:
+        for node in self.nodes.values():
+            node.client.close()
+
+
+class QueueMachine(RuleBasedStateMachine):
+    address = ""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.now = 0.0
+        self.micros = itertools.count()
+        self.wall0 = time.time()
+        self.inflight: List[Txn] = []
+        self.commits = itertools.count()
+        # Completed transactions by commit number: (server, pool, result or failure).
+        self.done: Dict[int, Tuple[Server, str, Any]] = {}
+        self.replayed = 0
+        # The model, built by replaying commits in order.
+        self.places: Dict[str, Dict[str, Tuple[str, int]]] = {name: {} for name in POOLS}
+        self.holders: Dict[str, Set[Tuple[str, str]]] = {name: set() for name in POOLS}
+        self.violations: List[str] = []
+        self.waiters: Dict[int, Deferred] = {}
+        self.open: Set[int] = set()  # the /wait with no answer yet
+        self.waiter_ids = itertools.count()
+        self.hosts = itertools.count()
+
+    @initialize(namespace=st.integers(0, 10 ** 9))
+    def start(self, namespace: int) -> None:
+        pools = "".join(f"  - {{name: {name}, maxlocks: {maxlocks}, expire: {expire}, max_waiters: {MAX_WAITERS}}}\n"
+                        for name, (maxlocks, expire) in POOLS.items())
+        self.config = parse_config(f"backend: memcache\nnamespace: q{namespace}x{time.monotonic_ns()}\n"
+                                   f"memcache_servers: ['{self.address}']\npools:\n{pools}")
+        self.servers = [Server(self, i) for i in range(SERVERS)]
+
+    def teardown(self) -> None:
+        for server in getattr(self, "servers", []):
+            server.close()
+
+    def wall(self) -> float:
+        return self.wall0 + self.now + next(self.micros) * 1e-6
+
+    def violated(self, what: str) -> None:
+        self.violations.append(what)
+        raise AssertionError(what)
+
+    # -- driving transactions ---------------------------------------------------
+
+    def _advance(self, txn: Txn) -> None:
+        try:
+            phase = next(txn.gen)
+        except StopIteration as done:
+            self._complete(txn, done.value)
+            return
+        except BaseException:
+            self._complete(txn, Failure())
+            return
+        txn.phase = phase
+        if phase == WRITTEN:
+            txn.commit = next(self.commits)  # the record's write landed
+        elif phase == APPLIED:
+            txn.commit = None
+
+    def _complete(self, txn: Txn, outcome: Any) -> None:
+        self.inflight.remove(txn)
+        if txn.commit is None:
+            # No write (a read-only answer, or a failure): it commits where
+            # it read, which is before any write that follows.
+            txn.commit = next(self.commits)
+        self.done[txn.commit] = (txn.server, txn.name, outcome)
+        if isinstance(outcome, Failure):
+            txn.deferred.errback(outcome)
+        else:
+            txn.deferred.callback(outcome)
+
+    @precondition(lambda self: self.inflight)
+    @rule(pick=st.integers(0, 1000))
+    def step(self, pick: int) -> None:
+        self._advance(self.inflight[pick % len(self.inflight)])
+
+    @precondition(lambda self: any(t.phase == WRITTEN for t in self.inflight))
+    @rule(pick=st.integers(0, 1000))
+    def read_before_the_keys(self, pick: int) -> None:
+        """A server changed the record but has not written its waiter keys
+        yet: run another server's transactions meanwhile."""
+        promised = [t for t in self.inflight if t.phase == WRITTEN]
+        owner = promised[pick % len(promised)].server
+        for _ in range(200):
+            others = [t for t in self.inflight if t.server is not owner]
+            if not others:
+                break
+            self._advance(others[0])
+
+    @precondition(lambda self: self.inflight)
+    @rule()
+    def finish_all(self) -> None:
+        self._run_all()
+
+    def _run_all(self) -> None:
+        for _ in range(1000):
+            if not self.inflight:
+                return
+            self._advance(self.inflight[0])
+        raise AssertionError("transactions never finished")
+
+    # -- clients -----------------------------------------------------------------
+
+    @rule(index=st.integers(0, SERVERS - 1), pool=st.sampled_from(sorted(POOLS)),
+          hosts=st.lists(st.sampled_from(["new", "r0", "r1"]), min_size=1, max_size=4))
+    def wait(self, index: int, pool: str, hosts: List[str]) -> None:
+        """Hosts send /wait through one server, one after the other: new
+        ones, or r0 and r1, which may have a place already (queued twice) or
+        hold (re-entrant)."""
+        server = self.servers[index]
+        for host in hosts:
+            if host == "new":
+                host = f"w{next(self.hosts)}"
+            waiter = next(self.waiter_ids)
+            d = self.waiters[waiter] = server.wait(pool, host, "")
+            self.open.add(waiter)
+            d.addCallbacks(self._granted, self._not_granted, callbackArgs=(waiter,), errbackArgs=(waiter,))
+
+    def _granted(self, event: Any, waiter: int) -> None:
+        if waiter not in self.open:
+            self.violated(f"/wait {waiter} answered twice")
+        self.open.discard(waiter)
+
+    def _not_granted(self, failure: Failure, waiter: int) -> None:
+        self.open.discard(waiter)
+        if not failure.check(QueueFull, CancelledError, BackendUnavailable, WaitReset):
+            self.violations.append(failure.getTraceback())
+
+    @rule(index=st.integers(0, SERVERS - 1), pool=st.sampled_from(sorted(POOLS)), host=st.integers(0, 40))
+    def get(self, index: int, pool: str, host: int) -> None:
+        self.servers[index].get(pool, f"g{host}", "").addErrback(self._failed)
+
+    @precondition(lambda self: any(self.holders.values()))
+    @rule(index=st.integers(0, SERVERS - 1), pick=st.integers(0, 1000))
+    def release(self, index: int, pick: int) -> None:
+        held = sorted((pool, host) for pool, hosts in self.holders.items() for host, _ in hosts)
+        pool, host = held[pick % len(held)]
+        self.servers[index].release(pool, host).addErrback(self._failed)
+
+    @precondition(lambda self: self.open)
+    @rule(picks=st.lists(st.integers(0, 1000), min_size=1, max_size=3))
+    def hang_up(self, picks: List[int]) -> None:
+        """Waiters hang up (anywhere in the queue)."""
+        for pick in picks:
+            if self.open:
+                self.waiters[sorted(self.open)[pick % len(self.open)]].cancel()
+
+    @rule(index=st.integers(0, SERVERS - 1), pool=st.sampled_from(sorted(POOLS)))
+    def reset_pool(self, index: int, pool: str) -> None:
+        self.servers[index].reset(pool).addErrback(self._failed)
+
+    @rule(index=st.integers(0, SERVERS - 1))
+    def poll(self, index: int) -> None:
+        self.servers[index]._poll()
+
+    @rule(seconds=st.sampled_from([0.05, 0.25]))
+    def tick(self, seconds: float = 0.05) -> None:
+        """Time passes: leases end, transactions told to wait try again."""
+        self.now += seconds
+        for server in self.servers:
+            server.clock.advance(seconds)
+
+    def _failed(self, failure: Failure) -> None:
+        if not failure.check(BackendUnavailable):
+            self.violations.append(failure.getTraceback())
+
+    # -- the model ----------------------------------------------------------------
+
+    def _replay(self) -> None:
+        """Apply, in commit order, every completed commit whose predecessors
+        have all completed."""
+        while self.replayed in self.done:
+            server, pool, outcome = self.done.pop(self.replayed)
+            self.replayed += 1
+            if isinstance(outcome, Failure):
+                continue
+            places = self.places[pool]
+            # The batch's operations in order; the waiters it queued take
+            # their places at the back, in the order they queued.
+            provisional = itertools.count(10 ** 12)
+            for step in outcome.steps:
+                for event in step.events:
+                    self._apply(pool, places, event)
+                    if event.kind == QUEUED:
+                        places[event.ticket] = (outcome.epoch, next(provisional))
+                if step.refused is not None and len(places) < MAX_WAITERS:
+                    self.violated(f"a /wait to {pool} refused with {len(places)} places held")
+                if len(places) > MAX_WAITERS:
+                    self.violated(f"{len(places)} places in {pool}, more than max_waiters")
+            for ticket_id, seq, _, _ in outcome.placed:
+                if ticket_id in places:
+                    places[ticket_id] = (outcome.epoch, seq)
+
+    def _apply(self, pool: str, places: Dict[str, Tuple[str, int]], event: Any) -> None:
+        holders = self.holders[pool]
+        if event.kind in (GRANTED, RENEWED) and event.ticket is not None and event.ticket in places:
+            mine = places.pop(event.ticket)
+            ahead = sorted(t for t, place in places.items() if place < mine)
+            if ahead:
+                self.violated(f"{event.ticket} at {mine} granted {pool} before {ahead}")
+        elif event.kind == GRANTED and places and event.ticket is None:
+            self.violated(f"a /get of {pool} granted to {event.host} past {sorted(places)}")
+        if event.kind in (LEFT,) or (event.kind == RESET and event.token is None):
+            places.pop(event.ticket, None)
+        if event.kind == GRANTED:
+            holders.add((event.host, event.session))
+            if len(holders) > POOLS[pool][0]:
+                self.violated(f"{sorted(holders)} all hold {pool}")
+        elif event.kind in (RELEASED, EXPIRED) or (event.kind == RESET and event.token is not None):
+            holders.discard((event.host, event.session))
+
+    @invariant()
+    def consistent(self) -> None:
+        assert not self.violations, self.violations
+        self._replay()
+
+    @rule()
+    def drain(self) -> None:
+        """Run everything, release every hold until nobody waits: each open
+        waiter is granted, and the queue counts nobody."""
+        for _ in range(60):
+            self._run_all()
+            self._replay()
+            if not self.open and not any(self.holders.values()):
+                break
+            for pool, hosts in self.holders.items():
+                for host, _ in sorted(hosts):
+                    self.servers[0].release(pool, host).addErrback(self._failed)
+            self._run_all()
+            for server in self.servers:
+                server._poll()
+            self.tick()
+        self._run_all()
+        self._replay()
+        assert not self.violations, self.violations
+        assert not self.open, f"waiters never granted: {sorted(self.open)}"
+        client = Client(tuple(self.address.split(":")))  # type: ignore[arg-type]
+        try:
+            for pool in POOLS:
+                raw = client.get(self.servers[0]._pool_key(pool))
+                if raw is not None:
+                    record = json.loads(raw)
+                    count = record["seq"] - record["lo"] - len(record["x"])
+                    assert count == 0, f"{pool}: the record counts {count} waiters after the drain: {record}"
+        finally:
+            client.close()
+
+
+@pytest.fixture
+def narrow_window(monkeypatch):
+    # The head read is maxlocks waiters: every path that reads further runs.
+    monkeypatch.setattr(memcache, "QUEUE_WINDOW", 0)
+    # No place is skipped for a missing key (the model has no lost keys;
+    # skipping is tested on its own).
+    monkeypatch.setattr(memcache, "MISSING_GRACE", 1e9)
+
+
+def test_memcache_queue_state_machine(memcached, narrow_window):
+    QueueMachine.address = memcached.address
+    run_state_machine_as_test(QueueMachine, settings=settings(
+        max_examples=300, stateful_step_count=50, deadline=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much]))
+
+
+@pytest.fixture
+def driver(memcached, narrow_window):
+    """The machine as a plain driver, for one order of steps."""
+    QueueMachine.address = memcached.address
+    machine = QueueMachine()
+    machine.start(namespace=0)
+    yield machine
+    machine.teardown()
+
+
+def two_holds_end_with_a_host_queued_twice_ahead(driver: QueueMachine) -> None:
+    """Pool "two" (read 2 waiters at a time): g0 and g1 hold; r0, r0 again
+    and w0 wait; both leases end."""
+    driver.get(0, "two", 0)
+    driver.get(0, "two", 1)
+    driver.finish_all()
+    driver.wait(0, "two", ["r0", "r0", "new"])
+    driver.finish_all()
+    driver.consistent()
+    assert driver.holders["two"] == {("g0", ""), ("g1", "")}
+    driver.tick(0.25)
+
+
+def test_a_semaphore_reads_past_renewals_to_fill_a_free_slot(driver):
+    two_holds_end_with_a_host_queued_twice_ahead(driver)
+    # One transaction ends the leases: r0 is granted, its second place
+    # renews it, and w0, which it had not read, gets the slot left.
+    driver.servers[0]._apply("two", memcache._tick).addErrback(driver._failed)
+    driver.finish_all()
+    driver.consistent()
+    driver.consistent()
+    assert driver.holders["two"] == {("r0", ""), ("w0", "")}
+
+
+def test_a_get_does_not_take_a_slot_owed_to_a_waiter_behind_the_head_read(driver):
+    two_holds_end_with_a_host_queued_twice_ahead(driver)
+    driver.get(0, "two", 9)
+    driver.finish_all()
+    driver.consistent()
+    assert driver.holders["two"] == {("r0", ""), ("w0", "")}
+
+
+def test_a_place_whose_key_never_comes_is_skipped_and_its_waiter_queues_again(memcached, monkeypatch):
+    monkeypatch.setattr(memcache, "QUEUE_WINDOW", 0)
+    QueueMachine.address = memcached.address
+    driver = QueueMachine()
+    driver.start(namespace=0)
+    try:
+        driver.get(0, "one", 0)
+        driver.finish_all()
+        driver.consistent()
+        driver.wait(1, "one", ["new"])
+        (promised,) = driver.inflight
+        while promised.phase != WRITTEN:
+            driver._advance(promised)  # server 1 took a place; its key is not written yet
+        released: List[bool] = []
+        # g0 releases through server 0, which finds the place without its key.
+        driver.servers[0].release("one", "g0").addCallback(released.append)
+        driver.read_before_the_keys(0)
+        assert not released, "the release waits for the key"
+        driver.tick(memcache.MISSING_GRACE + 0.1)
+        driver.read_before_the_keys(0)
+        assert released == [True], "the place is skipped once its key is overdue"
+        driver.finish_all()  # server 1 writes its key, too late
+        driver.poll(1)  # and finds its waiter passed over with no answer: it queues again
+        driver.finish_all()
+        driver.poll(1)
+        driver.finish_all()
+        driver.consistent()
+        assert driver.holders["one"] == {("w0", "")}
+        assert not driver.open
+    finally:
+        driver.teardown()
+
+
+def test_a_thousand_waiters_with_1_kib_hosts_and_labels_queue_on_one_pool(memcached, monkeypatch):
+    """The queue is not one record: memcached's 1 MB item holds about 500
+    such waiters, the queue holds max_waiters of them."""
+    monkeypatch.setattr(sys.modules[__name__], "MAX_WAITERS", 2000)
+    QueueMachine.address = memcached.address
+    driver = QueueMachine()
+    driver.start(namespace=0)
+    try:
+        driver.get(0, "one", 0)
+        refused: List[Failure] = []
+        for i in range(1000):
+            driver.servers[i % SERVERS].wait("one", f"{i:04d}" + "h" * 1020, "l" * 1024).addErrback(refused.append)
+            driver.finish_all()
+        assert not refused, refused[0]
+        status: List[Any] = []
+        driver.servers[1]._snapshot("one").addCallback(status.append)
+        driver.finish_all()
+        (_, state, _), = status
+        assert [t.host[:4] for t in state.queue.values()] == [f"{i:04d}" for i in range(1000)]
+    finally:
+        driver.teardown()
