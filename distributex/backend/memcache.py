@@ -834,6 +834,8 @@ class MemcacheBackend(Backend):
                 raise _NotYet(MISSING_RECHECK)
             self.log.warn("pool {pool}: waiter places {seqs} were never written (a server died between its "
                           "two writes, or memcached evicted them): skipped", pool=name, seqs=missing)
+            for seq in missing:
+                del self._missing[(epoch, seq)]
         record.skip = set(missing) | {seq for seq in extra if seq not in found}
         obs = self._obs.setdefault(name, {})
         state = record.state
