@@ -578,7 +578,7 @@ class Harness:
                 holders = [{"unparsed": raw[:200].decode(errors="replace")}]
             pools[key.rsplit(":", 1)[1]] = {
                 "holders": [h for h in holders if h.get("expires_in") is None or h["expires_in"] > 0],
-                "queued": (record.get("seq", 0) - record.get("lo", 0) - len(record.get("x", []))
+                "queued": (record.get("seq", 0) - record.get("lo", 0) - len(record.get("x", [])) - record.get("nt", 0)
                            if isinstance(record, dict) else None)}
         return {"epoch": f"{NAMESPACE}:epoch" in values, "pools": pools}
 

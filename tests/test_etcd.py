@@ -192,8 +192,9 @@ def test_the_queue_limit_counts_waiters_of_every_server(cluster):
     queued(a, 2)
     answer = b.call("wait", pool="p", host="w3", timeout="5")
     assert (answer.status, answer.body) == (429, b"INVALID")
-    a.call("release", pool="p", host="holder")
-    assert w1.result().body == b"YES"
+    released = a.call("release", pool="p", host="holder")
+    assert released.body == b"OK", (released, a.log()[-3000:])
+    assert w1.result().body == b"YES", (a.log()[-3000:], b.log()[-3000:])
     a.call("release", pool="p", host="w1")
     assert w2.result().body == b"YES"
 

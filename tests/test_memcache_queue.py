@@ -32,7 +32,8 @@ from typing import Any, Dict, List, Optional, Set, Tuple
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule, run_state_machine_as_test
+from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant, precondition, rule,
+                                 run_state_machine_as_test)
 from pymemcache.client.base import Client
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import Clock
@@ -323,13 +324,18 @@ class QueueMachine(RuleBasedStateMachine):
         self._replay()
         assert not self.violations, self.violations
         assert not self.open, f"waiters never granted: {sorted(self.open)}"
+        for server in self.servers:
+            # Nothing waits: what a server keeps about waiters is empty.
+            tables = {"_tickets": server._tickets, "_mine": server._mine, "_placed": server._placed,
+                      "_lost_local": server._lost_local, "_missing": server._missing, "_orphans": server._orphans}
+            assert not any(tables.values()), {k: v for k, v in tables.items() if v}
         client = Client(tuple(self.address.split(":")))  # type: ignore[arg-type]
         try:
             for pool in POOLS:
                 raw = client.get(self.servers[0]._pool_key(pool))
                 if raw is not None:
                     record = json.loads(raw)
-                    count = record["seq"] - record["lo"] - len(record["x"])
+                    count = record["seq"] - record["lo"] - len(record["x"]) - record["nt"]
                     assert count == 0, f"{pool}: the record counts {count} waiters after the drain: {record}"
         finally:
             client.close()
@@ -393,37 +399,127 @@ def test_a_get_does_not_take_a_slot_owed_to_a_waiter_behind_the_head_read(driver
     assert driver.holders["two"] == {("r0", ""), ("w0", "")}
 
 
-def test_a_place_whose_key_never_comes_is_skipped_and_its_waiter_queues_again(memcached, monkeypatch):
+@pytest.fixture
+def lossy_driver(memcached, monkeypatch):
+    """A driver whose head read is maxlocks waiters, and where a place whose
+    key never comes is skipped after MISSING_GRACE."""
     monkeypatch.setattr(memcache, "QUEUE_WINDOW", 0)
     QueueMachine.address = memcached.address
     driver = QueueMachine()
     driver.start(namespace=0)
+    yield driver
+    driver.teardown()
+
+
+def read_record(driver: QueueMachine, pool: str) -> Dict[str, Any]:
+    client = Client(tuple(driver.address.split(":")))  # type: ignore[arg-type]
     try:
-        driver.get(0, "one", 0)
-        driver.finish_all()
-        driver.consistent()
-        driver.wait(1, "one", ["new"])
-        (promised,) = driver.inflight
-        while promised.phase != WRITTEN:
-            driver._advance(promised)  # server 1 took a place; its key is not written yet
-        released: List[bool] = []
-        # g0 releases through server 0, which finds the place without its key.
-        driver.servers[0].release("one", "g0").addCallback(released.append)
-        driver.read_before_the_keys(0)
-        assert not released, "the release waits for the key"
-        driver.tick(memcache.MISSING_GRACE + 0.1)
-        driver.read_before_the_keys(0)
-        assert released == [True], "the place is skipped once its key is overdue"
-        driver.finish_all()  # server 1 writes its key, too late
-        driver.poll(1)  # and finds its waiter passed over with no answer: it queues again
-        driver.finish_all()
-        driver.poll(1)
-        driver.finish_all()
-        driver.consistent()
-        assert driver.holders["one"] == {("w0", "")}
-        assert not driver.open
+        return json.loads(client.get(driver.servers[0]._pool_key(pool)))
     finally:
-        driver.teardown()
+        client.close()
+
+
+def test_a_place_whose_key_never_comes_is_skipped_and_its_waiter_queues_again(lossy_driver):
+    driver = lossy_driver
+    driver.get(0, "one", 0)
+    driver.finish_all()
+    driver.consistent()
+    driver.wait(1, "one", ["new"])
+    (promised,) = driver.inflight
+    while promised.phase != WRITTEN:
+        driver._advance(promised)  # server 1 took a place; its key is not written yet
+    released: List[bool] = []
+    # g0 releases through server 0, which finds the place without its key.
+    driver.servers[0].release("one", "g0").addCallback(released.append)
+    driver.read_before_the_keys(0)
+    assert not released, "the release waits for the key"
+    driver.tick(memcache.MISSING_GRACE + 0.1)
+    driver.read_before_the_keys(0)
+    assert released == [True], "the place is skipped once its key is overdue"
+    driver.finish_all()  # server 1 writes its key, too late
+    driver.poll(1)  # and finds its waiter passed over with no answer: it queues again
+    driver.finish_all()
+    driver.poll(1)
+    driver.finish_all()
+    driver.consistent()
+    assert driver.holders["one"] == {("w0", "")}
+    assert not driver.open
+
+
+def test_a_pool_serves_again_after_more_lost_places_than_its_head_read(lossy_driver):
+    driver = lossy_driver
+    driver.get(0, "one", 0)
+    driver.finish_all()
+    driver.get(1, "one", 5)  # in flight: the two /wait after it go together
+    driver.wait(1, "one", ["new", "new"])
+    (first,) = driver.inflight
+    while first in driver.inflight:
+        driver._advance(first)
+    (promised,) = driver.inflight
+    while promised.phase != WRITTEN:
+        driver._advance(promised)
+    driver.inflight.remove(promised)  # server 1 dies between its record write and its two keys
+    released: List[bool] = []
+    driver.servers[0].release("one", "g0").addCallback(released.append)
+    driver.finish_all()
+    # The first place is overdue after a grace; the read then goes further
+    # and finds the second one missing too: overdue after another grace.
+    for _ in range(2):
+        driver.tick(memcache.MISSING_GRACE + 0.1)
+        driver.finish_all()
+    assert released == [True], "both places are skipped, though the head read covers one"
+    got: List[Any] = []
+    driver.servers[2].get("one", "g9", "").addCallback(got.append)
+    driver.finish_all()
+    assert isinstance(got[0], Hold)
+
+
+def test_waiters_leaving_behind_the_head_keep_the_record_small(driver):
+    driver.get(0, "one", 0)
+    driver.wait(0, "one", ["new"])  # a patient waiter at the head
+    driver.finish_all()
+    for _ in range(memcache.LEFT_LISTED + 100):
+        driver.wait(1, "one", ["new"])
+        driver.finish_all()
+        driver.hang_up([len(driver.open) - 1])
+        driver.finish_all()
+    record = read_record(driver, "one")
+    assert len(record["x"]) <= memcache.LEFT_LISTED + 1
+    assert record["seq"] - record["lo"] - len(record["x"]) - record["nt"] == 1
+
+
+def test_waiters_dropped_by_a_reset_through_their_own_server_leave_nothing_behind(driver):
+    for server in (0, 1):
+        driver.get(0, "one", 0)
+        driver.wait(0, "one", ["new", "new"])
+        driver.finish_all()
+        driver.reset_pool(server, "one")
+        driver.finish_all()
+        driver.drain()  # every table of every server is empty again
+
+
+def test_a_stopping_server_leaves_its_places_even_while_a_key_is_being_written(driver):
+    stopping = driver.servers[0]
+    for host in (0, 1):
+        driver.get(2, "two", host)
+        driver.finish_all()
+    driver.wait(0, "two", ["new"])  # the stopping server's waiter: place 0
+    driver.finish_all()
+    driver.wait(1, "two", ["new"])
+    (promised,) = driver.inflight
+    while promised.phase != WRITTEN:
+        driver._advance(promised)  # place 1 is counted (and in the head read), its key not written yet
+    driver.inflight.remove(promised)
+    stopping.stopService()
+    while [t for t in driver.inflight if t.server is stopping]:
+        driver._advance([t for t in driver.inflight if t.server is stopping][0])  # its leave must wait
+    driver.inflight.append(promised)
+    driver.finish_all()
+    driver.tick()  # the leave tries again
+    driver.finish_all()
+    assert not stopping._orphans
+    record = read_record(driver, "two")
+    assert (record["lo"], record["seq"]) == (1, 2), "place 0 left, place 1 waits"
 
 
 def test_a_thousand_waiters_with_1_kib_hosts_and_labels_queue_on_one_pool(memcached, monkeypatch):

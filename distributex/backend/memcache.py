@@ -14,20 +14,24 @@ The queue is not in the record: each waiter has a key of its own,
 ``NS:q:EPOCH:SEQ`` (its host, session, label, server, ...), on the pool's
 memcached, and the record counts the places: ``seq`` the next place, ``lo``
 the head (every place below it is done), ``x`` the places between that were
-left, ``rs`` the places dropped by the last reset of the whole pool, and
-``e`` the epoch that names the keys (a record created afresh starts a new
-set). So the record stays small (about maxlocks holders), and a transaction
-reads only the head of the queue: the first maxlocks + QUEUE_WINDOW waiters
+left, ``nt`` more left places (a leaver writes a tombstone on its key once
+its place is in ``x``; past LEFT_LISTED listed places, a transaction checks
+their keys and only counts those with a tombstone), ``rs`` the places
+dropped by the last reset of the whole pool, and ``e`` the epoch that names
+the keys (a record created afresh starts a new set). So the record stays
+small (the holders, and at most about LEFT_LISTED left places), and a
+transaction reads only the head of the queue: the first maxlocks + QUEUE_WINDOW waiters
 (in the same round trip as the record, from where the last one stood), more
 only when the rules run past them; the places of the tickets it leaves with;
 the whole queue only for /status/ and for dropping every waiter. The rules
 only ever look at the head, and judge max_waiters on the count. The record
 is the truth: a place is taken, left or passed by the record's CAS alone.
 A new waiter's key is written right after the record that gives it its
-place: a reader that finds the place counted but the key not there yet
-reads it again, then waits (MISSING_RECHECK), and only a key missing for
-MISSING_GRACE (its server died between the two writes) is skipped. Keys of
-passed places are deleted after the record's write.
+place (with ``add``, so that it never covers a tombstone): a reader that
+finds the place counted but the key not there yet reads it again, then
+waits (MISSING_RECHECK), and only a key missing for MISSING_GRACE (its
+server died between the two writes) is skipped. Keys of passed places are
+deleted after the record's write; every key expires after KEY_TTL.
 
 A server runs one transaction per pool at a time; the operations on that
 pool that arrive meanwhile go together in the next one (MAX_BATCH): 5,000
@@ -153,22 +157,24 @@ import threading
 import time
 import uuid
 from collections import deque
-from typing import AbstractSet, Any, Callable, Deque, Dict, FrozenSet, Generator, List, Optional, Sequence, Set, Tuple, cast
+from typing import (AbstractSet, Any, Callable, Deque, Dict, FrozenSet, Generator, List, Optional, Sequence, Set,
+                    Tuple, cast)
 
 from pymemcache.client.base import PooledClient
 from pymemcache.client.rendezvous import RendezvousHash
 from pymemcache.exceptions import MemcacheError, MemcacheUnexpectedCloseError
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from distributex.backend.base import ANSWERED, LEFT, Backend, BackendUnavailable, Operation, _leave_all, partial_spec
+from distributex.backend.base import (ANSWERED, LEFT, Backend, BackendUnavailable, Operation, QueueFull, _leave_all,
+                                      partial_spec)
 from distributex.config import DEFAULT_EXPIRE, Config, PoolSpec
-from distributex.pool import (BLOCKED, GRANTED, LAPSED, RENEWED, RESET, Answer, Event, Hold, Pool, PoolState, Step, Ticket,
-                             queue_full)
+from distributex.pool import (BLOCKED, GRANTED, LAPSED, RENEWED, RESET, Answer, Event, Hold, Pool, PoolState, Step,
+                             Ticket, queue_full)
 from distributex.token import TOKEN_RESOLUTION
 
 #: A server refreshes its presence keys (and reads every node's marker and
@@ -228,6 +234,16 @@ MISSING_RETRIES = 3
 #: two writes, or memcached evicted it: run it with -M): its place is skipped.
 MISSING_RECHECK = 0.05
 MISSING_GRACE = 1.0
+#: Left places the record lists at most (``x``) before a transaction checks
+#: their keys (tombstones written by the leavers) and only counts them
+#: (``nt``): waiters leaving behind a head that stays keep the record small.
+LEFT_LISTED = 256
+#: What a left place's key holds once its leaver has written it.
+TOMBSTONE = b"-"
+#: Waiter keys and tombstones expire after memcached's longest relative
+#: time (30 days), so that keys orphaned by a crash do not stay for ever in
+#: a memcached run with -M; a waiter still waiting then queues again.
+KEY_TTL = 30 * 24 * 3600
 
 #: Operations on one pool from one server applied in one transaction at
 #: most: 5,000 /wait arriving together take a few dozen transactions, not
@@ -299,12 +315,13 @@ class _Record:
     """A pool record decoded into this server's monotonic time, with the
     head of its queue, and what a transaction changes in it."""
 
-    __slots__ = ("state", "incarnation", "loss", "block", "walls", "fresh", "epoch", "lo", "seq", "left", "rs",
-                 "created", "wall", "old_obs", "seqs", "head", "skip", "hidden", "placed", "passed")
+    __slots__ = ("state", "incarnation", "loss", "block", "walls", "fresh", "epoch", "lo", "seq", "left", "nt", "rs",
+                 "created", "wall", "old_obs", "seqs", "head", "skip", "tombs", "compact", "hidden", "placed",
+                 "passed", "buried")
 
     def __init__(self, state: PoolState, incarnation: Optional[str], loss: Optional[str],
                  block: Optional[Block], walls: Dict[tuple, float], epoch: str, lo: int = 0, seq: int = 0,
-                 left: Optional[Set[int]] = None, rs: int = 0) -> None:
+                 left: Optional[Set[int]] = None, nt: int = 0, rs: int = 0) -> None:
         self.state = state
         self.incarnation = incarnation  # the node's marker when it was written
         self.loss = loss  # the last node incarnation whose lock-delay this pool took
@@ -314,13 +331,14 @@ class _Record:
         # versions, a new block), and when: first seen only once written.
         self.fresh: Dict[tuple, float] = {}
         # The queue: waiter keys NS:q:EPOCH:SEQ for SEQ in [lo, seq), but
-        # for the places in ``left``; the waiters placed below ``rs`` were
-        # dropped by a reset. A new epoch (a record created afresh) starts
-        # a new set of keys.
+        # for the places in ``left`` and ``nt`` more left places whose keys
+        # are tombstones; the waiters placed below ``rs`` were dropped by a
+        # reset. A new epoch (a record created afresh) starts a new set of keys.
         self.epoch = epoch
         self.lo = lo
         self.seq = seq
         self.left = left if left is not None else set()
+        self.nt = nt
         self.rs = rs
         self.created = False
         self.wall = 0.0  # the wall clock when it was read
@@ -328,14 +346,17 @@ class _Record:
         self.seqs: Dict[str, int] = {}  # the waiters read: ticket id -> place
         self.head: Set[str] = set()  # those of them read as the head of the queue
         self.skip: Set[int] = set()  # places found with no waiter key: skipped
+        self.tombs: Set[int] = set()  # places read with a tombstone (counted in nt)
+        self.compact: Set[int] = set()  # listed left places found with a tombstone: counted in nt from now
         self.hidden = 0  # waiters behind the head that were not read
         self.placed: List[Tuple[str, int, Ticket, bytes]] = []  # new waiters: id, place, ticket, key value
         self.passed = (0, 0)  # the places the head moved past: their keys are deleted
+        self.buried: List[int] = []  # places this transaction left: tombstones are written
 
     @property
     def count(self) -> int:
         """The waiters in the queue."""
-        return self.seq - self.lo - len(self.left)
+        return self.seq - self.lo - len(self.left) - self.nt
 
 
 class Result:
@@ -360,7 +381,7 @@ class _Op:
     """One operation on a pool: the rule, and what its transaction must read
     besides the head of the queue."""
 
-    __slots__ = ("fn", "leaving", "requeue", "full", "state", "now")
+    __slots__ = ("fn", "leaving", "requeue", "full", "state", "now", "refused")
 
     def __init__(self, fn: Operation, leaving: Sequence[str] = (), requeue: Sequence[Ticket] = (),
                  full: bool = False) -> None:
@@ -370,6 +391,7 @@ class _Op:
         self.full = full  # the whole queue (/status/, dropping every waiter)
         self.state: Optional[PoolState] = None  # the state and time it was applied at
         self.now = 0.0
+        self.refused: List[str] = []  # tickets to queue again that found the queue full
 
 
 def _read_marker(raw: Optional[bytes]) -> Optional[Marker]:
@@ -444,8 +466,8 @@ class MemcacheBackend(Backend):
         self._lost_local: Dict[str, Set[str]] = {}
         # The head of each pool's queue as last seen: read ahead with the record.
         self._heads: Dict[str, Tuple[str, int, int, FrozenSet[int]]] = {}
-        # Waiter keys found missing, and since when (see _read_waiters).
-        self._missing: Dict[Tuple[str, int], float] = {}
+        # Waiter keys found missing, and since when: pool -> epoch, place -> time (see _read_waiters).
+        self._missing: Dict[str, Tuple[str, Dict[int, float]]] = {}
         self._polling: Set[str] = set()
         self._stopping = False
         self._poller = LoopingCall(self._poll)
@@ -528,7 +550,7 @@ class MemcacheBackend(Backend):
         if rest:
             self._batches[name] = rest
         self._running.add(name)
-        d = self._attempt(name, [op for op, _ in batch])
+        d = maybeDeferred(self._attempt, name, [op for op, _ in batch])
         d.addCallback(self._committed, name)
         d.addCallbacks(_answer_batch, _fail_batch, callbackArgs=(batch,), errbackArgs=(batch,))
         d.addBoth(self._next_batch, name)
@@ -540,7 +562,8 @@ class MemcacheBackend(Backend):
         """The node is settling, or a waiter key is being written: the
         requests wait, then try again."""
         failure.trap(_NotYet)
-        if self._stopping:
+        if self._stopping and not all(op.leaving for op in ops):
+            # (Leaving still waits: a stopping server must not leave places behind.)
             raise BackendUnavailable("the server is stopping")
         delay = cast(_NotYet, failure.value).delay
         return deferLater(self.reactor, delay, self._attempt, name, ops)
@@ -656,9 +679,16 @@ class MemcacheBackend(Backend):
             lost = self._lost_local.get(local.pool)
             if lost is not None:
                 lost.discard(ticket_id)
+                if not lost:
+                    del self._lost_local[local.pool]
         if state is ANSWERED:
             self._placed.pop(ticket_id, None)  # a ticket that left keeps it for its leave
         return super()._close(ticket_id, state)
+
+    def _deliver(self, ticket_id: str, event: Event) -> None:
+        super()._deliver(ticket_id, event)
+        if event.kind is RESET and event.token is None:
+            self._placed.pop(ticket_id, None)  # dropped by a reset: it does not leave
 
     def _leave(self, pool: str, tickets: List[str]) -> Deferred:
         for ticket_id in tickets:
@@ -829,19 +859,28 @@ class MemcacheBackend(Backend):
         if missing:
             if self._call(node.client.gets, self._pool_key(name))[1] != cas:
                 return False  # another server moved the queue on meanwhile
-            since = [self._missing.setdefault((epoch, seq), now) for seq in missing]
+            gone = self._missing.get(name)
+            if gone is None or gone[0] != epoch:
+                gone = self._missing[name] = (epoch, {})
+            # Kept until the place is passed (_noted): a wider read, or a
+            # conflict, does not start the grace again.
+            since = [gone[1].setdefault(seq, now) for seq in missing]
             if now - max(since) < MISSING_GRACE:
                 raise _NotYet(MISSING_RECHECK)
             self.log.warn("pool {pool}: waiter places {seqs} were never written (a server died between its "
                           "two writes, or memcached evicted them): skipped", pool=name, seqs=missing)
-            for seq in missing:
-                del self._missing[(epoch, seq)]
         record.skip = set(missing) | {seq for seq in extra if seq not in found}
+        if len(record.left) > LEFT_LISTED:
+            listed = sorted(record.left)
+            record.compact = {seq for seq, value in self._get_waiters(
+                node, {seq: self._q_key(epoch, seq) for seq in listed}, listed).items() if value == TOMBSTONE}
         obs = self._obs.setdefault(name, {})
         state = record.state
         heads = set(head)
         for seq in sorted(found):
-            self._missing.pop((epoch, seq), None)
+            if found[seq] == TOMBSTONE:
+                record.tombs.add(seq)
+                continue
             try:
                 ticket_id, host, session, label, queued, server, origin = json.loads(found[seq])
             except (ValueError, TypeError):
@@ -866,28 +905,36 @@ class MemcacheBackend(Backend):
         return found
 
     def _write_waiters(self, node: _Node, record: _Record) -> None:
-        """After the record's write: the keys of the waiters it queued, and
-        the removal of those its head has passed (best effort: keys of a
-        past place are never read again)."""
+        """After the record's write: the keys of the waiters it queued (with
+        ``add``: a place skipped meanwhile has a tombstone, and stays left),
+        tombstones on the places it left, and the removal of the keys its
+        head passed (best effort: they are never read again, and expire)."""
         epoch = record.epoch
-        if record.placed:
-            values = {self._q_key(epoch, seq): value for _, seq, _, value in record.placed}
+        unwritten = []
+        for _, seq, _, value in record.placed:
+            key = self._q_key(epoch, seq)
             for _ in range(3):
                 try:
-                    if not self._call(node.client.set_many, values, noreply=False):
-                        break
+                    if not self._call(node.client.add, key, value, expire=KEY_TTL, noreply=False):
+                        unwritten.append(key)  # skipped already
+                    break
                 except BackendUnavailable as e:
-                    self.log.warn("writing waiter keys: {e}", e=e)
+                    self.log.warn("writing waiter key {key}: {e}", key=key, e=e)
             else:
-                self.log.error("could not write waiter keys {keys}: other servers skip them after {grace:g} s, "
-                               "and their waiters queue again", keys=sorted(values), grace=MISSING_GRACE)
-        start, end = record.passed
-        for i in range(start, end, READ_CHUNK):
-            try:
+                unwritten.append(key)
+        if unwritten:
+            self.log.error("waiter keys {keys} not written: other servers skip their places after {grace:g} s, "
+                           "and their waiters queue again", keys=unwritten, grace=MISSING_GRACE)
+        try:
+            if record.buried:
+                self._call(node.client.set_many, {self._q_key(epoch, seq): TOMBSTONE for seq in record.buried},
+                           expire=KEY_TTL, noreply=True)
+            start, end = record.passed
+            for i in range(start, end, READ_CHUNK):
                 self._call(node.client.delete_many, [self._q_key(epoch, seq)
                                                      for seq in range(i, min(end, i + READ_CHUNK))], noreply=True)
-            except BackendUnavailable:
-                break  # left to memcached's LRU
+        except BackendUnavailable as e:
+            self.log.warn("tidying waiter keys of {epoch}: {e}", epoch=epoch, e=e)
 
     def _transition(self, node: _Node, spec: PoolSpec, incarnation: str, settling: float, record: _Record,
                     lost: Optional[str], ops: List["_Op"], now: float, wall: float
@@ -926,7 +973,7 @@ class MemcacheBackend(Backend):
         self._note_block(name, state.blocked_until)
         pool = Pool(partial_spec(spec, record.hidden), state, self.wall)
         pruned = self._prune(node, pool, now)
-        steps = [self._requeue(pool, record, op.requeue, now) if op.requeue else op.fn(pool, now) for op in ops]
+        steps = [self._requeue(pool, record, op, now) if op.requeue else op.fn(pool, now) for op in ops]
         steps[0].events[:0] = blocked + pruned
         events = [e for step in steps for e in step.events]
         if record.hidden and not _head_enough(record, spec, events, now):
@@ -943,20 +990,26 @@ class MemcacheBackend(Backend):
             op.state, op.now = state, now
         return (self._dump(name, record, now, wall) if dirty else None), steps, answers
 
-    def _requeue(self, pool: Pool, record: _Record, tickets: Sequence[Ticket], now: float) -> Step:
+    def _requeue(self, pool: Pool, record: _Record, op: "_Op", now: float) -> Step:
         """Settle the pool, and queue again (at the back: the order was lost
         with the place) our waiters whose place the queue passed with no
         answer (see _passed), or which memcached lost with the record."""
         step = pool.tick(now)
         state = pool.state
-        for ticket in tickets:
+        op.refused = []
+        for ticket in op.requeue:
             placed = self._placed.get(ticket.id)
-            if (placed is not None and placed[1] == record.epoch and record.lo <= placed[2] < record.seq
-                    and placed[2] not in record.left and placed[2] not in record.skip):
+            if placed is not None and placed[1] == record.epoch and (
+                    placed[2] < record.rs  # dropped by a reset: _passed answers NO
+                    or record.lo <= placed[2] < record.seq and placed[2] not in record.left
+                    and placed[2] not in record.skip):
                 continue  # still in its place
             if ticket.id in state.queue or ticket.id in state.answers:
                 continue  # in the head read, or answered (taken by this transaction)
-            step.events += pool.wait(ticket, now).events
+            queued = pool.wait(ticket, now)
+            step.events += queued.events
+            if queued.refused is not None:
+                op.refused.append(ticket.id)
         return step
 
     def _moved(self, record: _Record, events: List[Event], now: float, wall: float) -> bool:
@@ -970,13 +1023,16 @@ class MemcacheBackend(Backend):
         # Every waiter dropped by an operator's reset (a full read): their
         # servers learn it from ``rs``, not from one answer each.
         dropped = any(e.kind == RESET and e.token is None for e in events)
-        if not (removed or new or dropped):
+        if not (removed or new or dropped or record.tombs or record.compact):
             return False
         if dropped:
             record.rs = record.seq
             for ticket_id in [t for t, a in state.answers.items() if a.kind == RESET]:
                 del state.answers[ticket_id]
-        left = record.left | removed
+        # Tombstones read at the head are listed again, to be passed; listed
+        # ones found with a tombstone are only counted from now.
+        left = (record.left - record.compact) | removed | record.tombs
+        record.nt += len(record.compact) - len(record.tombs)
         for ticket in new:
             record.placed.append((ticket.id, record.seq, ticket, _json(
                 [ticket.id, ticket.host, ticket.session, ticket.label, wall - (now - ticket.queued_at), ticket.server,
@@ -988,6 +1044,7 @@ class MemcacheBackend(Backend):
             left.discard(lo)
             lo += 1
         record.lo, record.left, record.passed = lo, left, (start, lo)
+        record.buried = sorted(seq for seq in removed if seq >= lo)
         return True
 
     def _block_record(self, record: _Record, spec: PoolSpec, incarnation: str, now: float,
@@ -1023,6 +1080,15 @@ class MemcacheBackend(Backend):
                 node.seen.add(name)
         self._saw_token(name, state.last_token)
         self._heads[name] = (record.epoch, record.lo, record.seq, frozenset(record.left))
+        gone = self._missing.get(name)
+        if gone is not None:
+            if gone[0] != record.epoch:
+                del self._missing[name]
+            else:
+                for seq in [seq for seq in gone[1] if seq < record.lo or seq in record.left]:
+                    del gone[1][seq]
+                if not gone[1]:
+                    del self._missing[name]
         if state.holders or record.count:
             self._busy.add(name)
         else:
@@ -1089,7 +1155,7 @@ class MemcacheBackend(Backend):
             block = (str(block[0]), float(block[1]))
             state.blocked_until = first_seen(("b", block[0])) + block[1]
         return _Record(state, data["n"], data["L"], block, walls, str(data["e"]), int(data["lo"]), int(data["seq"]),
-                       {int(seq) for seq in data["x"]}, int(data["rs"]))
+                       {int(seq) for seq in data["x"]}, int(data["nt"]), int(data["rs"]))
 
     def _dump(self, name: str, record: _Record, now: float, wall: float) -> bytes:
         obs = self._obs.get(name, {})
@@ -1120,6 +1186,7 @@ class MemcacheBackend(Backend):
             "lo": record.lo,
             "seq": record.seq,
             "x": sorted(record.left),
+            "nt": record.nt,
             "rs": record.rs,
         })
 
@@ -1368,7 +1435,7 @@ class MemcacheBackend(Backend):
             if name in self._running:
                 continue
             for table in (self._used, self._obs, self._last_token, self._node_of, self._blocked,
-                          self._heads):
+                          self._heads, self._missing):
                 table.pop(name, None)
             self._busy.discard(name)
 
@@ -1394,11 +1461,22 @@ class MemcacheBackend(Backend):
             if owed:
                 d = self._leave(name, owed)
             else:
-                mine = self._mine.get(name, {})
-                lost = [mine[t] for t in self._lost_local.pop(name, ()) if t in mine]
-                d = self._run(name, _Op(_tick, requeue=lost))
+                lost = self._lost_local.pop(name, set())
+                # In the order of their places (``mine`` is): FIFO among them.
+                op = _Op(_tick, requeue=[t for tid, t in self._mine.get(name, {}).items() if tid in lost]
+                         if lost else ())
+                d = self._run(name, op).addCallback(self._refused, name, op)
             d.addErrback(self._poll_failed, name)
             d.addBoth(self._polled, name)
+
+    def _refused(self, _: object, name: str, op: "_Op") -> None:
+        """Waiters that lost their place and found the queue full: QueueFull."""
+        spec = self._spec(name)
+        for ticket_id in op.refused:
+            waiter = self._close(ticket_id, LEFT)
+            if waiter is not None:
+                self._placed.pop(ticket_id, None)  # it has no place to leave
+                waiter.errback(QueueFull(queue_full(spec) if spec is not None else "the queue is full"))
 
     def _poll_failed(self, failure: Failure, name: str) -> None:
         self.log.error("polling pool {pool}: {f.value}", pool=name, f=failure)
@@ -1421,7 +1499,7 @@ def _epoch() -> str:
 
 def _empty_record() -> Dict[str, Any]:
     return {"v": RECORD_VERSION, "n": None, "L": None, "tok": 0, "b": None, "h": [], "a": {}, "e": _epoch(),
-            "lo": 0, "seq": 0, "x": [], "rs": 0}
+            "lo": 0, "seq": 0, "x": [], "nt": 0, "rs": 0}
 
 
 def _tick(pool: Pool, now: float) -> Step:
