@@ -18,7 +18,12 @@ transactions gave:
 - a /wait is refused only when max_waiters places are held;
 - never more than maxlocks holders;
 - and, once everything has run, every open waiter is granted in turn as
-  the holders release, and the queue's count comes back to 0.
+  the holders release, the queue's count comes back to 0, and what each
+  server keeps about its waiters is empty.
+
+The deterministic tests after it take one order each: the paths the
+machine reaches rarely (reading past the head, lost waiter keys, a server
+stopping while another's key is being written, long left lists).
 """
 
 from __future__ import annotations
