@@ -493,6 +493,79 @@ def test_waiters_leaving_behind_the_head_keep_the_record_small(driver):
     assert record["seq"] - record["lo"] - len(record["x"]) - record["nt"] == 1
 
 
+@pytest.fixture
+def short_list(driver, monkeypatch):
+    """g0 holds "one"; W0 waits at its head; four waiters behind it leave
+    and W5 queues after them: with LEFT_LISTED 3 their places are counted,
+    not listed (nt 4)."""
+    monkeypatch.setattr(memcache, "LEFT_LISTED", 3)
+    driver.get(0, "one", 0)
+    driver.finish_all()
+    driver.wait(0, "one", ["new"])
+    driver.finish_all()
+    for _ in range(4):
+        driver.wait(1, "one", ["new"])
+        driver.finish_all()
+        driver.hang_up([len(driver.open) - 1])
+        driver.finish_all()
+    driver.wait(2, "one", ["new"])
+    driver.finish_all()
+    record = read_record(driver, "one")
+    assert (record["x"], record["nt"], record["seq"] - record["lo"] - record["nt"]) == ([], 4, 2)
+    return driver
+
+
+def test_status_lists_the_waiters_behind_counted_left_places(short_list):
+    status: List[Any] = []
+    short_list.servers[1]._snapshot("one").addCallback(status.append)
+    short_list.finish_all()
+    (_, state, _), = status
+    assert [t.host for t in state.queue.values()] == ["w0", "w5"]
+
+
+def test_a_reset_drops_the_waiters_behind_counted_left_places(short_list):
+    short_list.reset_pool(1, "one")
+    short_list.finish_all()
+    short_list.drain()
+    assert not short_list.open
+    record = read_record(short_list, "one")
+    assert record["lo"] == record["seq"] and record["nt"] == 0
+
+
+def test_polling_a_pool_with_counted_left_places_writes_nothing(short_list):
+    client = Client(tuple(short_list.address.split(":")))  # type: ignore[arg-type]
+    key = short_list.servers[0]._pool_key("one")
+    try:
+        before = client.gets(key)[1]
+        for server in range(SERVERS):
+            for _ in range(3):
+                short_list.servers[server]._apply("one", memcache._tick)
+                short_list.finish_all()
+        assert client.gets(key)[1] == before
+    finally:
+        client.close()
+
+
+def test_a_read_of_every_place_counts_the_left_places_again(short_list, monkeypatch):
+    monkeypatch.setattr(memcache, "MISSING_GRACE", 1.0)
+    # A tombstone vanishes (memcached evicted it: it runs without -M).
+    client = Client(tuple(short_list.address.split(":")))  # type: ignore[arg-type]
+    record = read_record(short_list, "one")
+    try:
+        client.delete(short_list.servers[0]._q_key(record["e"], 2))
+    finally:
+        client.close()
+    status: List[Any] = []
+    short_list.servers[1]._snapshot("one").addCallback(status.append)  # reads every place
+    short_list.finish_all()
+    short_list.tick(1.1)  # the place without a key is skipped after the grace
+    short_list.finish_all()
+    assert status
+    record = read_record(short_list, "one")
+    assert (record["x"], record["nt"]) == ([2], 3)
+    short_list.drain()  # W0 and W5 granted in turn; the missing place is skipped on the way
+
+
 def test_waiters_dropped_by_a_reset_through_their_own_server_leave_nothing_behind(driver):
     for server in (0, 1):
         driver.get(0, "one", 0)

@@ -14,16 +14,18 @@ The queue is not in the record: each waiter has a key of its own,
 ``NS:q:EPOCH:SEQ`` (its host, session, label, server, ...), on the pool's
 memcached, and the record counts the places: ``seq`` the next place, ``lo``
 the head (every place below it is done), ``x`` the places between that were
-left, ``nt`` more left places (a leaver writes a tombstone on its key once
-its place is in ``x``; past LEFT_LISTED listed places, a transaction checks
-their keys and only counts those with a tombstone), ``rs`` the places
-dropped by the last reset of the whole pool, and ``e`` the epoch that names
-the keys (a record created afresh starts a new set). So the record stays
-small (the holders, and at most about LEFT_LISTED left places), and a
-transaction reads only the head of the queue: the first maxlocks + QUEUE_WINDOW waiters
-(in the same round trip as the record, from where the last one stood), more
-only when the rules run past them; the places of the tickets it leaves with;
-the whole queue only for /status/ and for dropping every waiter. The rules
+left, ``nt`` more left places (a place in ``x`` gets a tombstone on its
+key after the write that left it; past LEFT_LISTED listed places, a
+transaction reads their keys and only counts those with a tombstone, and
+puts one on the others), ``rs`` the places dropped by the last reset of the
+whole pool, and ``e`` the epoch that names the keys (a record created
+afresh starts a new set). So the record stays small (the holders, and at
+most about LEFT_LISTED left places), and a transaction reads only the head
+of the queue: the first maxlocks + QUEUE_WINDOW unlisted places (in the
+same round trip as the record, from where the last one stood), more only
+when the rules run past them, and the head moves past tombstones only when
+they reach it; the places of the tickets it leaves with; every unlisted
+place only for /status/ and for dropping every waiter. The rules
 only ever look at the head, and judge max_waiters on the count. The record
 is the truth: a place is taken, left or passed by the record's CAS alone.
 A new waiter's key is written right after the record that gives it its
@@ -31,7 +33,8 @@ place (with ``add``, so that it never covers a tombstone): a reader that
 finds the place counted but the key not there yet reads it again, then
 waits (MISSING_RECHECK), and only a key missing for MISSING_GRACE (its
 server died between the two writes) is skipped. Keys of passed places are
-deleted after the record's write; every key expires after KEY_TTL.
+deleted after the record's write. A read that covers every place not
+listed in ``x`` counts the tombstones it saw, and so corrects ``nt``.
 
 A server runs one transaction per pool at a time; the operations on that
 pool that arrive meanwhile go together in the next one (MAX_BATCH): 5,000
@@ -240,10 +243,6 @@ MISSING_GRACE = 1.0
 LEFT_LISTED = 256
 #: What a left place's key holds once its leaver has written it.
 TOMBSTONE = b"-"
-#: Waiter keys and tombstones expire after memcached's longest relative
-#: time (30 days), so that keys orphaned by a crash do not stay for ever in
-#: a memcached run with -M; a waiter still waiting then queues again.
-KEY_TTL = 30 * 24 * 3600
 
 #: Operations on one pool from one server applied in one transaction at
 #: most: 5,000 /wait arriving together take a few dozen transactions, not
@@ -316,8 +315,8 @@ class _Record:
     head of its queue, and what a transaction changes in it."""
 
     __slots__ = ("state", "incarnation", "loss", "block", "walls", "fresh", "epoch", "lo", "seq", "left", "nt", "rs",
-                 "created", "wall", "old_obs", "seqs", "head", "skip", "tombs", "compact", "hidden", "placed",
-                 "passed", "buried")
+                 "created", "wall", "old_obs", "seqs", "head", "skip", "tombs", "compact", "unmarked", "repaired",
+                 "hidden", "placed", "passed", "buried")
 
     def __init__(self, state: PoolState, incarnation: Optional[str], loss: Optional[str],
                  block: Optional[Block], walls: Dict[tuple, float], epoch: str, lo: int = 0, seq: int = 0,
@@ -348,6 +347,8 @@ class _Record:
         self.skip: Set[int] = set()  # places found with no waiter key: skipped
         self.tombs: Set[int] = set()  # places read with a tombstone (counted in nt)
         self.compact: Set[int] = set()  # listed left places found with a tombstone: counted in nt from now
+        self.unmarked: List[int] = []  # listed left places found without one: it is written
+        self.repaired = False  # nt was set right by a read of every unlisted place
         self.hidden = 0  # waiters behind the head that were not read
         self.placed: List[Tuple[str, int, Ticket, bytes]] = []  # new waiters: id, place, ticket, key value
         self.passed = (0, 0)  # the places the head moved past: their keys are deleted
@@ -837,7 +838,10 @@ class MemcacheBackend(Backend):
         MISSING_GRACE."""
         epoch = record.epoch
         full = any(op.full for op in ops)
-        head = _head(record.lo, record.seq, record.left, record.count if full else window)
+        # Every place not listed as left: a waiter, a key being written, or
+        # a tombstone counted in nt.
+        unlisted = record.seq - record.lo - len(record.left)
+        head = _head(record.lo, record.seq, record.left, unlisted if full else window)
         end = head[-1] + 1 if head else record.lo
         extra = []
         for ticket_id in [t for op in ops for t in op.leaving]:
@@ -871,9 +875,13 @@ class MemcacheBackend(Backend):
                           "two writes, or memcached evicted them): skipped", pool=name, seqs=missing)
         record.skip = set(missing) | {seq for seq in extra if seq not in found}
         if len(record.left) > LEFT_LISTED:
+            # Listed places whose key holds a tombstone are only counted
+            # from now; the others get one after this transaction's write
+            # (the record says they are left), for the next one to count.
             listed = sorted(record.left)
-            record.compact = {seq for seq, value in self._get_waiters(
-                node, {seq: self._q_key(epoch, seq) for seq in listed}, listed).items() if value == TOMBSTONE}
+            marked = self._get_waiters(node, {seq: self._q_key(epoch, seq) for seq in listed}, listed)
+            record.compact = {seq for seq in listed if marked.get(seq) == TOMBSTONE}
+            record.unmarked = [seq for seq in listed if marked.get(seq) != TOMBSTONE]
         obs = self._obs.setdefault(name, {})
         state = record.state
         heads = set(head)
@@ -893,7 +901,19 @@ class MemcacheBackend(Backend):
             record.seqs[ticket_id] = seq
             if seq in heads:
                 record.head.add(ticket_id)
-        record.hidden = record.count - len(record.seqs) - len(record.skip)
+        if len(head) == unlisted:
+            # Every unlisted place was read: the tombstones are known, and
+            # nt is set right if one went missing (then it was skipped).
+            if record.nt != len(record.tombs):
+                self.log.warn("pool {pool}: {nt} left places counted, {tombs} found: counted again", pool=name,
+                              nt=record.nt, tombs=len(record.tombs))
+                record.nt = len(record.tombs)
+                record.repaired = True
+            record.hidden = 0
+        else:
+            # Places were left unread: at least one of them may be a waiter
+            # (so the rules read further before they pass the head).
+            record.hidden = max(1, record.count - len(record.seqs) - len(record.skip))
         return True
 
     def _get_waiters(self, node: _Node, keys: Dict[int, str], seqs: List[int]) -> Dict[int, bytes]:
@@ -915,7 +935,7 @@ class MemcacheBackend(Backend):
             key = self._q_key(epoch, seq)
             for _ in range(3):
                 try:
-                    if not self._call(node.client.add, key, value, expire=KEY_TTL, noreply=False):
+                    if not self._call(node.client.add, key, value, noreply=False):
                         unwritten.append(key)  # skipped already
                     break
                 except BackendUnavailable as e:
@@ -928,7 +948,7 @@ class MemcacheBackend(Backend):
         try:
             if record.buried:
                 self._call(node.client.set_many, {self._q_key(epoch, seq): TOMBSTONE for seq in record.buried},
-                           expire=KEY_TTL, noreply=True)
+                           noreply=True)
             start, end = record.passed
             for i in range(start, end, READ_CHUNK):
                 self._call(node.client.delete_many, [self._q_key(epoch, seq)
@@ -1015,36 +1035,38 @@ class MemcacheBackend(Backend):
     def _moved(self, record: _Record, events: List[Event], now: float, wall: float) -> bool:
         """Turn what the rules did to the queue into the record's counters:
         new waiters take the next places (their keys are written once the
-        record is), places taken out are marked left, and the head moves
-        past every left place. True if anything changed."""
+        record is), places taken out are listed as left, and the head moves
+        past every left place. True if the record changed."""
         state = record.state
         removed = {seq for ticket_id, seq in record.seqs.items() if ticket_id not in state.queue} | record.skip
         new = [t for ticket_id, t in state.queue.items() if ticket_id not in record.seqs]
         # Every waiter dropped by an operator's reset (a full read): their
         # servers learn it from ``rs``, not from one answer each.
         dropped = any(e.kind == RESET and e.token is None for e in events)
-        if not (removed or new or dropped or record.tombs or record.compact):
-            return False
         if dropped:
             record.rs = record.seq
             for ticket_id in [t for t, a in state.answers.items() if a.kind == RESET]:
                 del state.answers[ticket_id]
-        # Tombstones read at the head are listed again, to be passed; listed
-        # ones found with a tombstone are only counted from now.
-        left = (record.left - record.compact) | removed | record.tombs
-        record.nt += len(record.compact) - len(record.tombs)
         for ticket in new:
             record.placed.append((ticket.id, record.seq, ticket, _json(
                 [ticket.id, ticket.host, ticket.session, ticket.label, wall - (now - ticket.queued_at), ticket.server,
                  ticket.origin])))
             record.fresh[("t", ticket.id)] = now
             record.seq += 1
+        # Listed places found with a tombstone are only counted from now;
+        # the head moves past left places, listed or tombstoned.
+        left = (record.left - record.compact) | removed
+        record.nt += len(record.compact)
         lo = start = record.lo
-        while lo in left:
-            left.discard(lo)
+        while lo in left or lo in record.tombs:
+            if lo in left:
+                left.discard(lo)
+            else:
+                record.nt -= 1
             lo += 1
         record.lo, record.left, record.passed = lo, left, (start, lo)
-        record.buried = sorted(seq for seq in removed if seq >= lo)
+        record.buried = sorted({seq for seq in removed if seq >= lo} | {seq for seq in record.unmarked if seq >= lo})
+        return bool(removed or new or dropped or record.compact or record.unmarked or record.repaired or lo != start)
         return True
 
     def _block_record(self, record: _Record, spec: PoolSpec, incarnation: str, now: float,
