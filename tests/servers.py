@@ -185,7 +185,10 @@ class DistributexServer:
             [*self.prefix] + twistd_command() + ["-n", "--pidfile=", "distributex", "-c", self.config_path,
                                 "--listen", self.listen, *self.extra_args],
             cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT,
-            env=None if self.env is None else dict(os.environ, **self.env))
+            env=None if self.env is None else dict(os.environ, **self.env),
+            # Its own process group: a prefix such as faketime forks the
+            # server, and a kill must reach the server too.
+            start_new_session=True)
         log.close()
         wait_for_port(self.port, self.proc)
 
@@ -217,10 +220,17 @@ class DistributexServer:
         """SIGTERM, and the exit status."""
         assert self.proc is not None
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            self._signal_group(signal.SIGTERM)
         return self.proc.wait(timeout)
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
+            self._signal_group(signal.SIGKILL)
             self.proc.wait()
+
+    def _signal_group(self, signum: int) -> None:
+        assert self.proc is not None
+        try:
+            os.killpg(self.proc.pid, signum)
+        except ProcessLookupError:
+            pass

@@ -358,7 +358,7 @@ def narrow_window(monkeypatch):
 def test_memcache_queue_state_machine(memcached, narrow_window):
     QueueMachine.address = memcached.address
     run_state_machine_as_test(QueueMachine, settings=settings(
-        max_examples=300, stateful_step_count=50, deadline=None,
+        max_examples=200, stateful_step_count=50, deadline=None,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much]))
 
 
