@@ -231,6 +231,9 @@ class DistributexServer:
     def _signal_group(self, signum: int) -> None:
         assert self.proc is not None
         try:
-            os.killpg(self.proc.pid, signum)
+            if os.getpgid(self.proc.pid) == self.proc.pid:
+                os.killpg(self.proc.pid, signum)
+            else:  # started by a subclass in our own group
+                self.proc.send_signal(signum)
         except ProcessLookupError:
             pass
