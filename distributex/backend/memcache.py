@@ -176,8 +176,8 @@ from twisted.python.threadpool import ThreadPool
 from distributex.backend.base import (ANSWERED, LEFT, Backend, BackendUnavailable, Operation, QueueFull, _leave_all,
                                       partial_spec)
 from distributex.config import DEFAULT_EXPIRE, Config, PoolSpec
-from distributex.pool import (BLOCKED, GRANTED, LAPSED, RENEWED, RESET, Answer, Event, Hold, Pool, PoolState, Step,
-                             Ticket, queue_full)
+from distributex.pool import (BLOCKED, GRANTED, LAPSED, QUEUED, RENEWED, RESET, Answer, Event, Hold, Pool, PoolState,
+                             Step, Ticket, queue_full)
 from distributex.token import TOKEN_RESOLUTION
 
 #: A server refreshes its presence keys (and reads every node's marker and
@@ -316,7 +316,7 @@ class _Record:
 
     __slots__ = ("state", "incarnation", "loss", "block", "walls", "fresh", "epoch", "lo", "seq", "left", "nt", "rs",
                  "created", "wall", "old_obs", "seqs", "head", "skip", "tombs", "compact", "unmarked", "repaired",
-                 "hidden", "placed", "passed", "buried")
+                 "hidden", "partial", "placed", "passed", "buried")
 
     def __init__(self, state: PoolState, incarnation: Optional[str], loss: Optional[str],
                  block: Optional[Block], walls: Dict[tuple, float], epoch: str, lo: int = 0, seq: int = 0,
@@ -349,7 +349,8 @@ class _Record:
         self.compact: Set[int] = set()  # listed left places found with a tombstone: counted in nt from now
         self.unmarked: List[int] = []  # listed left places found without one: it is written
         self.repaired = False  # nt was set right by a read of every unlisted place
-        self.hidden = 0  # waiters behind the head that were not read
+        self.hidden = 0  # waiters behind the head that were not read, as counted
+        self.partial = False  # places were left unread (at least one may be a waiter)
         self.placed: List[Tuple[str, int, Ticket, bytes]] = []  # new waiters: id, place, ticket, key value
         self.passed = (0, 0)  # the places the head moved past: their keys are deleted
         self.buried: List[int] = []  # places this transaction left: tombstones are written
@@ -911,9 +912,11 @@ class MemcacheBackend(Backend):
                 record.repaired = True
             record.hidden = 0
         else:
-            # Places were left unread: at least one of them may be a waiter
-            # (so the rules read further before they pass the head).
-            record.hidden = max(1, record.count - len(record.seqs) - len(record.skip))
+            # Places were left unread: any of them may be a waiter, so the
+            # rules read further before they pass the head (even if the
+            # count, which judges max_waiters, says none is).
+            record.partial = True
+            record.hidden = max(0, record.count - len(record.seqs) - len(record.skip))
         return True
 
     def _get_waiters(self, node: _Node, keys: Dict[int, str], seqs: List[int]) -> Dict[int, bytes]:
@@ -988,7 +991,7 @@ class MemcacheBackend(Backend):
         if record.incarnation != incarnation:
             record.incarnation = incarnation
             dirty = True
-        if record.hidden and not record.head:
+        if record.partial and not record.head:
             return None  # the head was all skipped: read further
         self._note_block(name, state.blocked_until)
         pool = Pool(partial_spec(spec, record.hidden), state, self.wall)
@@ -996,7 +999,7 @@ class MemcacheBackend(Backend):
         steps = [self._requeue(pool, record, op, now) if op.requeue else op.fn(pool, now) for op in ops]
         steps[0].events[:0] = blocked + pruned
         events = [e for step in steps for e in step.events]
-        if record.hidden and not _head_enough(record, spec, events, now):
+        if record.partial and not _head_enough(record, spec, events, now):
             return None
         for step in steps:
             if step.refused is not None:
@@ -1562,9 +1565,15 @@ def _head_enough(record: _Record, spec: PoolSpec, events: List[Event], now: floa
         return True
     if len(state.holders) < spec.maxlocks and now >= state.blocked_until:
         return False
+    queued = set()
     for e in events:
-        if e.kind == GRANTED and e.ticket not in record.head:
+        if e.kind == QUEUED:
+            queued.add(e.ticket)
+        elif e.kind == GRANTED and e.ticket not in record.head:
             return False
-        if e.kind == RENEWED and e.ticket in record.seqs and e.ticket not in record.head:
+        # A renewal of a place (not of a holder asking again, which renews
+        # at once) that is not in the head: it passed the waiters not read.
+        elif (e.kind == RENEWED and e.ticket not in record.head
+              and (e.ticket in record.seqs or e.ticket in queued)):
             return False
     return True
