@@ -627,8 +627,8 @@ class MemcacheBackend(Backend):
                 self._lost_local.setdefault(name, set()).add(ticket_id)
                 continue
             token = None if answer.kind == RESET else answer.token  # a dropped waiter: NO
+            # (Delivered, or dropped by a reset: _close and _deliver forget its place.)
             self._deliver(ticket_id, Event(answer.kind, name, local.host, "", token, ticket_id, now, local.session))
-            self._placed.pop(ticket_id, None)
         mine = self._mine.get(name)
         for ticket_id, _, ticket, _ in result.placed:
             if ticket_id in self._tickets:
@@ -659,7 +659,6 @@ class MemcacheBackend(Backend):
                 local = self._tickets[ticket_id]
                 self._deliver(ticket_id, Event(RESET, name, local.host, "", None, ticket_id, result.now,
                                                local.session))
-                self._placed.pop(ticket_id, None)
             else:
                 self._lost_local.setdefault(name, set()).add(ticket_id)
 
