@@ -46,7 +46,7 @@ from twisted.python.failure import Failure
 
 from distributex.backend import memcache
 from distributex.backend.base import BackendUnavailable, QueueFull, WaitReset
-from distributex.backend.memcache import APPLIED, WRITTEN, MemcacheBackend, make_nodes
+from distributex.backend.memcache import READ, WRITTEN, MemcacheBackend, make_nodes
 from distributex.config import parse_config
 from distributex.pool import EXPIRED, GRANTED, LEFT, QUEUED, RELEASED, RENEWED, RESET, Hold
 
@@ -147,17 +147,25 @@ class QueueMachine(RuleBasedStateMachine):
             self._complete(txn, Failure())
             return
         txn.phase = phase
-        if phase == WRITTEN:
+        if phase == READ:
+            # A transaction that answers without writing commits where it
+            # read the record: its place in the order is kept from now.
+            self._forgo(txn)
+            txn.commit = next(self.commits)
+        elif phase == WRITTEN:
+            self._forgo(txn)
             txn.commit = next(self.commits)  # the record's write landed
-        elif phase == APPLIED:
-            txn.commit = None
+
+    def _forgo(self, txn: Txn) -> None:
+        """The place a transaction kept at its read is not its commit (it
+        read again, or wrote): nothing commits there."""
+        if txn.commit is not None:
+            self.done[txn.commit] = (txn.server, txn.name, None)
 
     def _complete(self, txn: Txn, outcome: Any) -> None:
         self.inflight.remove(txn)
         if txn.commit is None:
-            # No write (a read-only answer, or a failure): it commits where
-            # it read, which is before any write that follows.
-            txn.commit = next(self.commits)
+            txn.commit = next(self.commits)  # failed before its first read
         self.done[txn.commit] = (txn.server, txn.name, outcome)
         if isinstance(outcome, Failure):
             txn.deferred.errback(outcome)
@@ -267,7 +275,7 @@ class QueueMachine(RuleBasedStateMachine):
         while self.replayed in self.done:
             server, pool, outcome = self.done.pop(self.replayed)
             self.replayed += 1
-            if isinstance(outcome, Failure):
+            if outcome is None or isinstance(outcome, Failure):
                 continue
             places = self.places[pool]
             # The batch's operations in order; the waiters it queued take
