@@ -336,8 +336,10 @@ def test_a_follower_killed_changes_nothing(cluster, own_etcd):
     waiter = Waiter(b, "waiter")
     queued(a, 1)
     own_etcd.kill(own_etcd.followers()[0])
-    a.call("release", pool="p", host="holder")
-    assert waiter.result().body == b"YES"
+    released = a.call("release", pool="p", host="holder")
+    assert released.body == b"OK", (released, a.log()[-3000:])
+    waiter.join(30)
+    assert waiter.answer is not None and waiter.answer.body == b"YES", (a.log()[-3000:], b.log()[-3000:])
     assert a.call("get", pool="p", host="other").body == b"NO"
 
 

@@ -4,7 +4,8 @@ answered until it is confirmed; one whose hold ended meanwhile is queued
 again, never answered YES beside the next holder (found by
 bench/etcd_chaos.py: a server paused right after sending its grant answered
 YES four seconds later, when the other servers had ended that hold and
-granted the pool again)."""
+granted the pool again). And a server whose settling of a pool failed tries
+again soon: the grant it was told of is not left to the 10 s backstop."""
 
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ from twisted.internet import reactor, task
 from twisted.internet.defer import Deferred
 
 from clientfixtures import wait_for
+from distributex.backend import etcd
 from distributex.backend.etcd import EtcdBackend
+from distributex.backend.etcd_client import NotSent
 from distributex.config import parse_config
 from etcdcluster import available
 
@@ -47,6 +50,22 @@ class Paused:
             self.held += 1
             await task.deferLater(reactor, self.seconds, lambda: None)
         return answer
+
+
+class FailsOnce:
+    """Wraps a backend's real etcd client: its next transaction is refused
+    as if etcd had said so (a final error, so the operation fails at once)."""
+
+    def __init__(self, backend: EtcdBackend) -> None:
+        self.real = backend.client.txn
+        self.failed = 0
+        backend.client.txn = self.txn  # type: ignore[method-assign]
+
+    async def txn(self, *args: Any, **kwargs: Any) -> Any:
+        if not self.failed:
+            self.failed += 1
+            raise NotSent("etcd: permission denied (injected)")
+        return await self.real(*args, **kwargs)
 
 
 @pytest.fixture
@@ -105,3 +124,18 @@ def test_a_grant_that_came_back_late_but_still_held_is_renewed_then_answered(ser
     # confirmation, not from the grant, so it still holds a lease after the grant.
     pause(LEASE * 0.7)
     assert isinstance(wait_for(a.get("p", "someone", "")), str), "the hold ended a lease after its grant"
+
+
+def test_a_waiter_whose_grant_could_not_be_taken_is_answered_soon_after(servers):
+    a, b = servers
+    assert wait_for(a.get("p", "h1", "")).token
+    w = answered(b.wait("p", "w", ""))
+    pause(0.3)
+    failing = FailsOnce(b)
+    assert wait_for(a.release("p", "h1")) is True
+    # B hears of the grant and fails to take it; it tries again within
+    # RESETTLE_DELAY, not at the backstop.
+    assert etcd.RESETTLE_DELAY * 4 < etcd.BACKSTOP_INTERVAL
+    pause(etcd.RESETTLE_DELAY * 4)
+    assert failing.failed == 1
+    assert len(w) == 1 and w[0].token

@@ -208,6 +208,10 @@ KEEPALIVE_INTERVAL = 1.0
 WATCH_CHECK_INTERVAL = 2.0
 #: Pools with local waiters are settled this often even with no event (a safety net).
 BACKSTOP_INTERVAL = 10.0
+#: A pool whose settling failed (etcd without a leader, endpoints down) and
+#: that still has local waiters is settled again this soon: an answer may be
+#: owed to them, and the watch event that told of it will not come again.
+RESETTLE_DELAY = 0.5
 #: The waiter keys an operation reads: maxlocks + HEAD_EXTRA ...
 HEAD_EXTRA = 4
 #: ... within this window of SEQ numbers from ``lo``, widened when it holds too few.
@@ -649,7 +653,12 @@ class EtcdBackend(Backend):
             return
         self._poked.add(name)
         d = self._submit(name, _Op(_tick, poke=True))
-        d.addErrback(lambda f: self.log.error("etcd: settling {pool}: {f.value}", pool=name, f=f))
+        d.addErrback(self._settle_failed, name)
+
+    def _settle_failed(self, failure: Failure, name: str) -> None:
+        self.log.error("etcd: settling {pool}: {f.value}", pool=name, f=failure)
+        if name in self._by_pool and not self._stopping:
+            self.reactor.callLater(RESETTLE_DELAY, self._poke, name)
 
     def _settle_local(self) -> None:
         for name in list(self._by_pool):

@@ -1069,7 +1069,6 @@ class MemcacheBackend(Backend):
         record.lo, record.left, record.passed = lo, left, (start, lo)
         record.buried = sorted({seq for seq in removed if seq >= lo} | {seq for seq in record.unmarked if seq >= lo})
         return bool(removed or new or dropped or record.compact or record.unmarked or record.repaired or lo != start)
-        return True
 
     def _block_record(self, record: _Record, spec: PoolSpec, incarnation: str, now: float,
                       wall: float) -> List[Event]:
