@@ -799,8 +799,11 @@ class EtcdBackend(Backend):
         answer = await self.client.txn([], ops, read_only=True, deadline=max(0.5, deadline - self.mono()))
         return self._parse(answer.get("responses", []), int(answer["header"]["revision"]), wlo, whi, limit)
 
-    def _window(self, name: str, spec: PoolSpec, full: bool) -> Tuple[int, Optional[int], int]:
-        lo = self._lo.get(name, 0)
+    def _window(self, name: str, spec: PoolSpec, full: bool, lo: Optional[int] = None
+                ) -> Tuple[int, Optional[int], int]:
+        """The part of the queue to read: from ``lo`` (the head as last seen)."""
+        if lo is None:
+            lo = self._lo.get(name, 0)
         if full:
             return lo, None, 0
         return lo, lo + WINDOW, spec.maxlocks + HEAD_EXTRA
@@ -838,11 +841,13 @@ class EtcdBackend(Backend):
         need = [t for op in batch for t in op.need]
         wlo, whi, limit = self._window(name, spec, full)
         view: Optional[_View] = None
-        cached = self._views.pop(name, None)
-        if cached is not None and not full and not need:
+        if not full and not need:
             # What this server last read or wrote: right unless another
             # server changed the pool since, which the txn's compares catch.
-            view, wlo, whi, limit = cached
+            # (A whole-queue read, for /status/, leaves it for the next one.)
+            cached = self._views.pop(name, None)
+            if cached is not None:
+                view, wlo, whi, limit = cached
         confirmed = view is None
         conflicts = 0
         pause = 0.01
@@ -887,7 +892,16 @@ class EtcdBackend(Backend):
                     return plan.result
                 for ticket_id, seq in plan.new_seqs.items():
                     self._seqs.setdefault(ticket_id, []).append(seq)  # in case its fate is unknown
-                after = reads if len(plan.writes) + len(reads) <= MAX_TXN_OPS and not need else []
+                # The txn reads the pool back after its writes, for the next
+                # operation: from the head as it leaves it, so that the window
+                # follows the queue (one from an old head would have to be
+                # read again once the queue has moved past its end).
+                alo, ahi, alimit = wlo, whi, limit
+                if plan.value is not None and not full:
+                    alo, ahi, alimit = self._window(name, spec, False, int(plan.value.get("lo", wlo)))
+                after = self._read_ops(name, alo, ahi, alimit, need)
+                if len(plan.writes) + len(after) > MAX_TXN_OPS or need:
+                    after = []
                 try:
                     answer = await self.client.txn(plan.compares, plan.writes + after, reads)
                 except Ambiguous:
@@ -900,10 +914,9 @@ class EtcdBackend(Backend):
                 revision = int(answer["header"]["revision"])
                 if answer.get("succeeded"):
                     if after:
-                        # The txn read the pool back after its writes.
                         fresh = self._parse(answer.get("responses", [])[len(plan.writes):], revision,
-                                            wlo, whi, limit)
-                        self._keep_view(name, fresh, wlo, whi, limit)
+                                            alo, ahi, alimit)
+                        self._keep_view(name, fresh, alo, ahi, alimit)
                     return self._landed(name, plan, revision)
                 conflicts += 1
                 if conflicts > MAX_CONFLICTS:
