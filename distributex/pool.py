@@ -254,6 +254,20 @@ class Pool:
                     break
         return self._settle(step, now)
 
+    def give_back(self, ticket_id: str, token: int, renewals: int, now: float) -> Step:
+        """A grant taken for delivery to a waiter that had gone meanwhile
+        (it hung up while the transaction that took it was in flight): nobody
+        was told, so its hold ends, unless renewed since it was taken (its
+        holder asked again and was told YES)."""
+        step = Step()
+        for hold in self.state.holders.values():
+            if hold.ticket == ticket_id and hold.token == token and hold.renewals == renewals:
+                del self.state.holders[hold.key]
+                step.events.append(Event(RELEASED, self.spec.name, hold.host, hold.label, hold.token, ticket_id,
+                                         now, hold.session, hold.origin))
+                break
+        return self._settle(step, now)
+
     def tick(self, now: float) -> Step:
         """End the holds that are due and hand their slots on."""
         return self._settle(Step(), now)

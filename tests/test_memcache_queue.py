@@ -46,7 +46,7 @@ from twisted.python.failure import Failure
 
 from distributex.backend import memcache
 from distributex.backend.base import BackendUnavailable, QueueFull, WaitReset
-from distributex.backend.memcache import READ, WRITTEN, MemcacheBackend, make_nodes
+from distributex.backend.memcache import APPLIED, READ, WRITTEN, MemcacheBackend, make_nodes
 from distributex.config import parse_config
 from distributex.pool import EXPIRED, GRANTED, LEFT, QUEUED, RELEASED, RENEWED, RESET, Hold
 
@@ -410,6 +410,28 @@ def test_a_get_does_not_take_a_slot_owed_to_a_waiter_behind_the_head_read(driver
     driver.finish_all()
     driver.consistent()
     assert driver.holders["two"] == {("r0", ""), ("w0", "")}
+
+
+def test_a_waiter_that_hangs_up_while_its_grant_is_being_taken_gives_the_slot_back(driver):
+    # Pool "two": g0 and g1 hold; w waits through server 1, c through 2.
+    driver.get(0, "two", 0)
+    driver.get(0, "two", 1)
+    driver.finish_all()
+    w = driver.servers[1].wait("two", "w", "")
+    w.addErrback(lambda f: f.trap(CancelledError))
+    driver.finish_all()
+    driver.wait(2, "two", ["new"])
+    driver.finish_all()
+    driver.servers[0].release("two", "g0").addErrback(driver._failed)  # grants w: server 1 tells it
+    driver.finish_all()
+    driver.servers[1]._poll()
+    (take,) = driver.inflight
+    while take.phase != APPLIED:  # its transaction has taken w's grant (renewing it) ...
+        driver._advance(take)
+    w.cancel()  # ... when w hangs up
+    driver.finish_all()
+    driver.consistent()
+    assert driver.holders["two"] == {("g1", ""), ("w0", "")}, "w's slot was never given back"
 
 
 @pytest.fixture

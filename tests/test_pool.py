@@ -652,6 +652,34 @@ def test_a_grant_that_lapsed_before_it_was_delivered_comes_back_lapsed():
     assert pool.state.answers == {}
 
 
+def test_a_grant_taken_for_a_waiter_that_had_gone_is_given_back_to_the_next():
+    # b hung up while its server's transaction was taking its grant: the
+    # leave that follows finds a hold renewed by the take, not by b.
+    pool = _shared_pool()
+    pool.get("a", "", T0)
+    pool.wait(Ticket("s2.1", "b", "", T0, "s2"), T0)
+    pool.wait(Ticket("s3.1", "c", "", T0, "s3"), T0)
+    pool.release("a", T0 + 1)
+    pool.take_answers("s2", T0 + 2)
+    (hold,) = pool.state.holders.values()
+    assert not pool.leave("s2.1", T0 + 3).changed
+    step = pool.give_back("s2.1", hold.token, hold.renewals, T0 + 3)
+    assert kinds(step) == [(RELEASED, "b"), (GRANTED, "c")]
+
+
+def test_a_taken_grant_renewed_since_by_its_holder_is_not_given_back():
+    pool = _shared_pool()
+    pool.get("a", "", T0)
+    pool.wait(Ticket("s2.1", "b", "", T0, "s2"), T0)
+    pool.release("a", T0 + 1)
+    pool.take_answers("s2", T0 + 2)
+    (hold,) = pool.state.holders.values()
+    taken = hold.renewals
+    pool.get("b", "", T0 + 3)  # b asked again through another server: YES
+    assert not pool.give_back("s2.1", hold.token, taken, T0 + 4).changed
+    assert holders(pool) == ["b"]
+
+
 def test_a_departed_waiters_grant_is_not_given_back_once_its_holder_renewed_it():
     # The waiter's server died before telling it; the client asked again
     # (the same session, through another server) and was told YES: the

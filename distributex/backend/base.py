@@ -251,6 +251,19 @@ class Backend(Service):
         local.state = state
         return local.waiter
 
+    def _give_back(self, pool: str, state: PoolState, taken: List[Tuple[str, int]]) -> None:
+        """Grants a transaction took for this server's waiters, (ticket,
+        token), whose waiters left before they could be told (a hang-up
+        while it was in flight): their holds end now, as the leave that
+        follows would have ended them had the grant not been taken."""
+        untold = [(ticket_id, token, hold.renewals) for ticket_id, token in taken
+                  for hold in state.holders.values() if hold.token == token and hold.ticket == ticket_id]
+        if untold:
+            d = self._apply(pool, lambda p, now: _give_back_all(p, untold, now))
+            if isinstance(d, Deferred):
+                d.addErrback(lambda f: self.log.error("giving back untold grants in {pool}: {f.value}", pool=pool,
+                                                      f=f))
+
     def _abandon(self, ticket_id: str) -> None:
         local = self._tickets.get(ticket_id)
         if local is not None and self._close(ticket_id, LEFT) is not None:
@@ -282,6 +295,13 @@ def _leave_all(pool: Pool, tickets: List[str], now: float) -> Step:
     step = Step()
     for ticket_id in tickets:
         step.events += pool.leave(ticket_id, now).events
+    return step
+
+
+def _give_back_all(pool: Pool, untold: List[Tuple[str, int, int]], now: float) -> Step:
+    step = Step()
+    for ticket_id, token, renewals in untold:
+        step.events += pool.give_back(ticket_id, token, renewals, now).events
     return step
 
 

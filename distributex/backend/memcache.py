@@ -613,6 +613,10 @@ class MemcacheBackend(Backend):
     def _committed(self, result: "Result", name: str) -> "Result":
         now = result.now
         self._flush_events()
+        # Answers taken for tickets that had left before this commit (not
+        # those its own steps answer) were never told: given back below.
+        untold = [(ticket_id, answer.token) for ticket_id, answer in result.answers.items()
+                  if answer.kind == GRANTED and ticket_id not in self._tickets]
         for step in result.steps:
             self._dispatch(step)
         # Outcomes that other servers gave our tickets: the transaction took
@@ -638,6 +642,7 @@ class MemcacheBackend(Backend):
                 mine[ticket_id] = ticket  # placed in seq order: see below
         if mine:
             self._passed(name, mine, result)
+        self._give_back(name, result.state, untold)
         return result
 
     def _passed(self, name: str, mine: Dict[str, Ticket], result: "Result") -> None:
