@@ -259,7 +259,7 @@ class _View:
     """What one read of a pool returned."""
 
     __slots__ = ("pool", "meta", "head", "extra", "answers", "wlo", "whi", "limit", "window_count",
-                 "exact", "total", "revision")
+                 "exact", "total", "revision", "mark")
 
     def __init__(self) -> None:
         self.pool: Optional[KV] = None
@@ -274,6 +274,9 @@ class _View:
         self.exact = False
         self.total = 0
         self.revision = 0
+        # This server's count of pool sightings when the read was sent: a
+        # read sent before a sighting may not include what was seen.
+        self.mark = 0
 
 
 class _Result:
@@ -369,7 +372,9 @@ class EtcdBackend(Backend):
         self._blocked: Dict[str, float] = {}  # pool -> end of its lock-delay (mono)
         self._lo: Dict[str, int] = {}  # pool -> the last ``lo`` seen
         self._last_token: Dict[str, int] = {}
-        self._had_holders: Set[str] = set()  # pools last seen with holders
+        # Pools last seen with holders -> the sighting (a count of them) it was.
+        self._had_holders: Dict[str, int] = {}
+        self._sightings = 0
         self._busy: Set[str] = set()  # pools last seen with holders or waiters
         self._specs: Dict[str, PoolSpec] = {}  # the spec each used pool last had
         self._draining: Set[str] = set()
@@ -710,6 +715,10 @@ class EtcdBackend(Backend):
 
     def _committed(self, result: _Result, name: str, batch: List[_Op]) -> None:
         late = self._late_grants(name, result)
+        # Grants taken for tickets that had left before this commit were
+        # never told: given back below.
+        untold = [(ticket_id, token) for ticket_id, kind, token in result.taken
+                  if kind == GRANTED and ticket_id not in self._tickets]
         for step in result.extra:
             self._dispatch(step)
         for op, step in zip(batch, result.steps):
@@ -719,6 +728,7 @@ class EtcdBackend(Backend):
             if local is not None and ticket_id not in late:
                 self._deliver(ticket_id, Event(kind, name, local.host, "", token, ticket_id, result.now,
                                                local.session))
+        self._give_back(name, result.state, untold)
         if late:
             self._poke(name)
         self._schedule(name)
@@ -768,10 +778,11 @@ class EtcdBackend(Backend):
                 ops.append(range_op(self._q_key(name, seq, ticket_id)))
         return ops
 
-    def _parse(self, responses: List[Dict], revision: int, wlo: int, whi: Optional[int], limit: int,
+    def _parse(self, responses: List[Dict], revision: int, mark: int, wlo: int, whi: Optional[int], limit: int,
                exact_count: Optional[int] = None) -> _View:
         view = _View()
         view.revision = revision
+        view.mark = mark
         pools, _ = range_kvs(responses[0])
         view.pool = pools[0] if pools else None
         if view.pool is not None:
@@ -796,8 +807,9 @@ class EtcdBackend(Backend):
     async def _read(self, name: str, wlo: int, whi: Optional[int], limit: int, need: List[str],
                     deadline: float) -> _View:
         ops = self._read_ops(name, wlo, whi, limit, need)
+        mark = self._sightings
         answer = await self.client.txn([], ops, read_only=True, deadline=max(0.5, deadline - self.mono()))
-        return self._parse(answer.get("responses", []), int(answer["header"]["revision"]), wlo, whi, limit)
+        return self._parse(answer.get("responses", []), int(answer["header"]["revision"]), mark, wlo, whi, limit)
 
     def _window(self, name: str, spec: PoolSpec, full: bool, lo: Optional[int] = None
                 ) -> Tuple[int, Optional[int], int]:
@@ -879,11 +891,12 @@ class EtcdBackend(Backend):
                     if not confirmed:
                         # Nothing to write, from a remembered view: make sure
                         # it is still the truth (a linearizable read).
+                        mark = self._sightings
                         answer = await self.client.txn(self._compares(name, view), [], reads, read_only=True,
                                                        deadline=max(0.5, deadline - self.mono()))
                         if not answer.get("succeeded"):
                             view = self._parse(answer.get("responses", []), int(answer["header"]["revision"]),
-                                               wlo, whi, limit)
+                                               mark, wlo, whi, limit)
                             confirmed = True
                             continue
                     self._seen_state(name, view, plan.result.state, now)
@@ -902,6 +915,7 @@ class EtcdBackend(Backend):
                 after = self._read_ops(name, alo, ahi, alimit, need)
                 if len(plan.writes) + len(after) > MAX_TXN_OPS or need:
                     after = []
+                mark = self._sightings
                 try:
                     answer = await self.client.txn(plan.compares, plan.writes + after, reads)
                 except Ambiguous:
@@ -914,14 +928,14 @@ class EtcdBackend(Backend):
                 revision = int(answer["header"]["revision"])
                 if answer.get("succeeded"):
                     if after:
-                        fresh = self._parse(answer.get("responses", [])[len(plan.writes):], revision,
+                        fresh = self._parse(answer.get("responses", [])[len(plan.writes):], revision, mark,
                                             alo, ahi, alimit)
                         self._keep_view(name, fresh, alo, ahi, alimit)
                     return self._landed(name, plan, revision)
                 conflicts += 1
                 if conflicts > MAX_CONFLICTS:
                     raise BackendUnavailable(f"pool {name!r}: too much contention ({conflicts} conflicts)")
-                view = self._parse(answer.get("responses", []), revision, wlo, whi, limit)
+                view = self._parse(answer.get("responses", []), revision, mark, wlo, whi, limit)
                 confirmed = True
                 if conflicts > 2:
                     await deferLater(self.reactor, random.uniform(0, pause), lambda: None)
@@ -996,6 +1010,10 @@ class EtcdBackend(Backend):
         hidden = 0 if view.exact else max(0, view.total - len(view.head))
         pool = Pool(partial_spec(spec, hidden), state, self.wall)
         extra: List[Step] = []
+        if fresh and view.mark < self._had_holders.get(name, 0):
+            # Read before this server saw the pool with holders (a slow
+            # answer, overtaken by the watch): not a sign that it vanished.
+            return _Retry(view.wlo, view.whi or 0, view.limit, exact=view.whi is None)
         if fresh:
             state.last_token = self._floor(name, wall)
             if name in self._had_holders:
@@ -1188,10 +1206,11 @@ class EtcdBackend(Backend):
         token = int(meta.get("tok", 0))
         if token > self._last_token.get(name, 0):
             self._last_token[name] = token
+        self._sightings += 1
         if holds:
-            self._had_holders.add(name)
+            self._had_holders[name] = self._sightings
         else:
-            self._had_holders.discard(name)
+            self._had_holders.pop(name, None)
         if holds or int(meta.get("n", 0)) > 0:
             self._busy.add(name)
         else:
