@@ -89,7 +89,8 @@ class EtcdMachine(RuleBasedStateMachine):
         self.holding: Dict[str, Dict[str, int]] = {name: {} for name in POOLS}
         self.waiting: Dict[str, Tuple[str, Deferred]] = {}  # host -> (pool, its /wait)
         self.tokens: Dict[str, Set[int]] = {name: set() for name in POOLS}
-        self.releasing: Set[Tuple[str, str]] = set()  # releases that failed: sent again in the drain
+        # Holds of unknown fate (a release or /get/ that failed): released in the drain.
+        self.releasing: Set[Tuple[str, str]] = set()
         self.violations: List[str] = []
         globalLogPublisher.addObserver(self._log)
 
