@@ -91,6 +91,7 @@ class EtcdMachine(RuleBasedStateMachine):
         self.tokens: Dict[str, Set[int]] = {name: set() for name in POOLS}
         # Holds of unknown fate (a release or /get/ that failed): released in the drain.
         self.releasing: Set[Tuple[str, str]] = set()
+        self.in_flight: Set[Deferred] = set()  # the /get/ and /release/ with no answer yet
         self.violations: List[str] = []
         globalLogPublisher.addObserver(self._log)
 
@@ -192,8 +193,8 @@ class EtcdMachine(RuleBasedStateMachine):
     @rule(index=st.integers(0, SERVERS - 1), pool=st.sampled_from(sorted(POOLS)))
     def get(self, index: int, pool: str) -> None:
         host = f"g{next(self.names)}"
-        self.servers[index].get(pool, host, "").addCallbacks(self._got, self._failed, callbackArgs=(pool, host),
-                                                             errbackArgs=(pool, host))
+        self._track(self.servers[index].get(pool, host, "")).addCallbacks(
+            self._got, self._failed, callbackArgs=(pool, host), errbackArgs=(pool, host))
         pause(0.005)
 
     def _got(self, answer: Any, pool: str, host: str) -> None:
@@ -240,7 +241,7 @@ class EtcdMachine(RuleBasedStateMachine):
             if host not in self.holding[pool]:
                 self.releasing.add((pool, host))
 
-        self.servers[index].get(pool, host, "").addCallbacks(renewed, failed)
+        self._track(self.servers[index].get(pool, host, "")).addCallbacks(renewed, failed)
         pause(0.005)
 
     @precondition(lambda self: any(self.holding.values()))
@@ -257,7 +258,7 @@ class EtcdMachine(RuleBasedStateMachine):
             self._tolerated(failure)
             self.releasing.add((pool, host))
 
-        self.servers[index].release(pool, host).addCallbacks(released, failed)
+        self._track(self.servers[index].release(pool, host)).addCallbacks(released, failed)
         pause(0.005)
 
     @precondition(lambda self: self.waiting)
@@ -266,6 +267,15 @@ class EtcdMachine(RuleBasedStateMachine):
         host = sorted(self.waiting)[pick % len(self.waiting)]
         self.waiting[host][1].cancel()
         pause(0.005)
+
+    def _track(self, d: Deferred) -> Deferred:
+        self.in_flight.add(d)
+
+        def done(result: Any) -> Any:
+            self.in_flight.discard(d)
+            return result
+
+        return d.addBoth(done)
 
     def _pick_holder(self, pick: int) -> Tuple[str, str]:
         held = sorted((pool, host) for pool, hosts in self.holding.items() for host in hosts)
@@ -286,7 +296,7 @@ class EtcdMachine(RuleBasedStateMachine):
         /wait is granted, and then every pool is free on every server."""
         self._open_gate()
         deadline = time.monotonic() + 30
-        while self.waiting or any(self.holding.values()) or self.releasing:
+        while self.waiting or any(self.holding.values()) or self.releasing or self.in_flight:
             assert time.monotonic() < deadline, f"waiters never granted: {sorted(self.waiting)}"
             for pool, hosts in self.holding.items():
                 for host in list(hosts):
