@@ -375,3 +375,21 @@ def test_a_waiter_that_hangs_up_while_its_grant_is_being_taken_gives_the_pool_ba
         globalLogPublisher.removeObserver(machine._log)
         for server in machine.servers:
             wait_for(server.stopService())
+
+
+def test_a_read_answered_after_the_watch_showed_holders_is_not_taken_for_a_lost_pool(etcd_cluster):
+    EtcdMachine.endpoints = list(etcd_cluster.endpoints)
+    machine = EtcdMachine()
+    try:
+        machine.get(0, "one")  # server 0 reads the pool: it does not exist yet
+        machine.send(0)
+        machine.get(1, "one")  # server 1 asks too: its read waits at the gate
+        machine.deliver(0)  # server 0 creates the pool and grants (its write waits)
+        machine.send(0)  # server 1's read is answered: no pool key ...
+        machine.send(0)  # ... then server 0's write lands, and server 1's watch shows it
+        machine.settle()
+        machine.deliver(0)  # server 1 hears its read's answer only now
+        machine.settle()
+        assert not machine.violations, machine.violations
+    finally:
+        machine.teardown()
