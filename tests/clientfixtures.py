@@ -298,6 +298,13 @@ def wait_for(deferred: "Deferred[Any]", timeout: float = 30) -> Any:
     return result
 
 
+def pause(seconds: float) -> None:
+    """Run the reactor for ``seconds``."""
+    from twisted.internet import reactor, task
+
+    wait_for(task.deferLater(reactor, seconds, lambda: None))
+
+
 def _daemon_thread(*args: Any, **kwargs: Any) -> threading.Thread:
     return threading.Thread(*args, daemon=True, **kwargs)
 

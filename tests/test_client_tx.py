@@ -44,10 +44,6 @@ def dx_server() -> Iterator[DistributexServer]:
     server.kill()
 
 
-def pause(seconds: float) -> None:
-    wait_for(task.deferLater(reactor, seconds, lambda: None))
-
-
 def test_cancelling_a_wait_leaves_the_queue(dx):
     with held_by(dx, "tx-busy"):
         waiting = TxLocker(dx.url, reactor, host="patient").acquire("tx-busy")

@@ -35,12 +35,12 @@ import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
-from twisted.internet import reactor, task
+from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 
-from clientfixtures import wait_for
+from clientfixtures import pause, wait_for
 from distributex.backend.base import BackendUnavailable, QueueFull
 from distributex.backend.etcd import EtcdBackend
 from distributex.config import parse_config
@@ -52,10 +52,6 @@ pytestmark = [pytest.mark.timeout(600),
 POOLS = {"one": 1, "two": 2}  # name -> maxlocks
 SERVERS = 3
 TXN = "/v3/kv/txn"
-
-
-def pause(seconds: float) -> None:
-    wait_for(task.deferLater(reactor, seconds, lambda: None))
 
 
 class Held:

@@ -16,7 +16,7 @@ import pytest
 from twisted.internet import reactor, task
 from twisted.internet.defer import Deferred
 
-from clientfixtures import wait_for
+from clientfixtures import pause, wait_for
 from distributex.backend import etcd
 from distributex.backend.etcd import EtcdBackend
 from distributex.backend.etcd_client import NotSent
@@ -27,10 +27,6 @@ pytestmark = [pytest.mark.timeout(60),
               pytest.mark.skipif(not available(), reason="etcd is not installed (apt-get install etcd-server)")]
 
 LEASE = 2.0
-
-
-def pause(seconds: float) -> None:
-    wait_for(task.deferLater(reactor, seconds, lambda: None))
 
 
 class Paused:
