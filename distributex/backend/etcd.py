@@ -1428,7 +1428,12 @@ def _follow(view: _View, kind: str, deleted: bool, parts: List[bytes], kv: KV) -
             if inside:
                 view.window_count -= 1
             if before > len(view.head) and view.limit and before >= view.limit and view.window_count > len(view.head):
-                return False  # the next waiter after the head is unknown
+                if not view.head:
+                    return False  # the next waiter after the head is unknown
+                # Waiter keys are only ever added at the back, so what is
+                # left of the head is the first keys of the window: the view
+                # is now that of a read with a smaller limit.
+                view.limit = len(view.head)
         elif inside:
             view.window_count += 1
             if not view.limit or len(view.head) < view.limit:
