@@ -27,6 +27,7 @@ order of events is what varies.
 
 from __future__ import annotations
 
+from collections import Counter
 import itertools
 import time
 from typing import Any, Dict, List, Optional, Set, Tuple
@@ -83,6 +84,9 @@ class EtcdMachine(RuleBasedStateMachine):
         self.names = itertools.count()
         # The clients' side: who was told YES (and has not released), with its token.
         self.holding: Dict[str, Dict[str, int]] = {name: {} for name in POOLS}
+        # How many releases each (pool, host) has sent: a renewal sent before
+        # one of them may be answered as a new request.
+        self.releases: Counter[Tuple[str, str]] = Counter()
         self.waiting: Dict[str, Tuple[str, Deferred]] = {}  # host -> (pool, its /wait)
         self.tokens: Dict[str, Set[int]] = {name: set() for name in POOLS}
         # Holds of unknown fate (a release or /get/ that failed): released in the drain.
@@ -220,12 +224,14 @@ class EtcdMachine(RuleBasedStateMachine):
         """A holder asks again through any server: YES, its own token."""
         pool, host = self._pick_holder(pick)
         token = self.holding[pool][host]
+        releases = self.releases[(pool, host)]
 
         def renewed(answer: Any) -> None:
-            if host not in self.holding[pool]:
+            if self.releases[(pool, host)] != releases:
                 # It released meanwhile. If the release landed first, this
-                # was a new request, perhaps granted anew (a new token).
-                if not isinstance(answer, str) and answer.token != token:
+                # was a new request: granted anew (a new token), or the
+                # renewal of the grant another such request got.
+                if not isinstance(answer, str) and answer.token not in (token, self.holding[pool].get(host)):
                     self._got(answer, pool, host)
             elif isinstance(answer, str):
                 self.violated(f"holder {host} of {pool} refused a renewal: {answer}")
@@ -234,7 +240,7 @@ class EtcdMachine(RuleBasedStateMachine):
 
         def failed(failure: Failure) -> None:
             self._tolerated(failure)
-            if host not in self.holding[pool]:
+            if self.releases[(pool, host)] != releases:
                 self.releasing.add((pool, host))
 
         self._track(self.servers[index].get(pool, host, "")).addCallbacks(renewed, failed)
@@ -244,7 +250,7 @@ class EtcdMachine(RuleBasedStateMachine):
     @rule(index=st.integers(0, SERVERS - 1), pick=st.integers(0, 1000))
     def release(self, index: int, pick: int) -> None:
         pool, host = self._pick_holder(pick)
-        del self.holding[pool][host]  # from now it may not count on the pool
+        self._let_go(pool, host)
 
         def released(held: bool) -> None:
             if not held:
@@ -273,6 +279,10 @@ class EtcdMachine(RuleBasedStateMachine):
 
         return d.addBoth(done)
 
+    def _let_go(self, pool: str, host: str) -> None:
+        del self.holding[pool][host]  # from now it may not count on the pool
+        self.releases[(pool, host)] += 1
+
     def _pick_holder(self, pick: int) -> Tuple[str, str]:
         held = sorted((pool, host) for pool, hosts in self.holding.items() for host in hosts)
         return held[pick % len(held)]
@@ -296,7 +306,7 @@ class EtcdMachine(RuleBasedStateMachine):
             assert time.monotonic() < deadline, f"waiters never granted: {sorted(self.waiting)}"
             for pool, hosts in self.holding.items():
                 for host in list(hosts):
-                    del hosts[host]
+                    self._let_go(pool, host)
                     self.servers[0].release(pool, host).addErrback(self._tolerated)
             for pool, host in list(self.releasing):
                 self.releasing.discard((pool, host))
