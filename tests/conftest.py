@@ -1,3 +1,4 @@
+import signal
 import uuid
 
 import pytest
@@ -5,6 +6,13 @@ import pytest
 from servers import DistributexServer, Memcached, Tls
 
 BACKENDS = ["inmemory", "memcache", "etcd"]
+
+# A suite started as a shell's background job (``./run-tests &``) inherits
+# SIGINT ignored, and so would every client it starts: the client then keeps
+# ignoring it, as a background job should, and the tests that stop a client
+# with SIGINT fail. The tests start their clients as from a terminal.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")
