@@ -29,12 +29,15 @@ run was stopped by --max-time.
 from __future__ import annotations
 
 import argparse
+import base64
+import http.client
 import json
 import os
 import socket
 import sys
 import time
-from typing import List
+from typing import List, Optional
+from urllib.parse import urlsplit
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -57,6 +60,33 @@ DEFAULTS = {
 
 def ms(x: float) -> str:
     return f"{x * 1000:.2f}"
+
+
+class EtcdFloor:
+    """Two write transactions in a row on etcd's JSON gateway, on one
+    keep-alive connection: what a grant and a release cost etcd alone."""
+
+    def __init__(self, endpoint: str, key: str) -> None:
+        url = urlsplit(endpoint)
+        self.conn = http.client.HTTPConnection(url.hostname or LOOPBACK, url.port, timeout=30)
+        self.key = base64.b64encode(key.encode()).decode()
+
+    def txn(self, op: dict) -> None:
+        self.conn.request("POST", "/v3/kv/txn", json.dumps({"success": [op]}),
+                          {"Content-Type": "application/json"})
+        answer = self.conn.getresponse()
+        body = answer.read()
+        if answer.status != 200:
+            raise SystemExit(f"etcd: {answer.status} {body[:200]!r}")
+
+    def cycle(self) -> float:
+        t = time.perf_counter()
+        self.txn({"request_put": {"key": self.key, "value": base64.b64encode(b"x").decode()}})
+        self.txn({"request_delete_range": {"key": self.key}})
+        return time.perf_counter() - t
+
+    def close(self) -> None:
+        self.conn.close()
 
 
 def main() -> int:
@@ -111,6 +141,9 @@ def main() -> int:
             f"servers: {', '.join(f'127.0.0.1:{s.port}' for s in servers)}",
         ])
         control = [Connection(s.port, timeout=120) for s in servers]
+        floor: Optional[EtcdFloor] = None
+        if args.backend == "etcd":
+            floor = EtcdFloor(settings["etcd_endpoints"][0], f"{settings['namespace']}-floor")
         r = control[0].call(f"/get/?pool={BIG}&host=holder")
         if r.body != b"YES":
             raise SystemExit(f"holder could not take the pool: {r}")
@@ -154,6 +187,7 @@ def main() -> int:
             watch = CpuWatch([s.pid for s in servers] + backend_pids)
             gets: List[float] = []
             cycles: List[float] = []
+            floors: List[float] = []
             wrong: List[str] = []
             for i in range(args.samples):
                 if time.monotonic() > deadline:
@@ -170,11 +204,17 @@ def main() -> int:
                 cycles.append(time.perf_counter() - t)
                 if (r1.body, r2.body) != (b"YES", b"OK"):
                     wrong.append(f"get+release on {OTHER}: {r1} {r2}")
+                if floor is not None:
+                    floors.append(floor.cycle())
             pg, pc = percentiles(gets), percentiles(cycles)
             print(f"/get/ on {BIG} ({n} waiting):   p50 {ms(pg['p50'])} ms, p99 {ms(pg['p99'])} ms, "
                   f"max {ms(pg['max'])} ms  (n={len(gets)})")
             print(f"/get/+/release/ on {OTHER}:     p50 {ms(pc['p50'])} ms, p99 {ms(pc['p99'])} ms, "
                   f"max {ms(pc['max'])} ms  (n={len(cycles)})")
+            if floors:
+                pf = percentiles(floors)
+                print(f"etcd alone, two txns in a row: p50 {ms(pf['p50'])} ms, p99 {ms(pf['p99'])} ms, "
+                      f"max {ms(pf['max'])} ms  (n={len(floors)}; the floor under get+release)")
             print(watch.report())
             if wrong:
                 print(f"unexpected answers: {len(wrong)}: {wrong[:3]}")
@@ -210,6 +250,8 @@ def main() -> int:
                 s.close()
             for c in control:
                 c.close()
+            if floor is not None:
+                floor.close()
             for s in servers:
                 s.stop()
             print(f"total {time.monotonic() - start:.1f} s")
