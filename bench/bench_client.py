@@ -6,8 +6,11 @@ Times ``distributex -H 127.0.0.1 -r pool true`` against a running server
 ``flock FILE true`` as the floor and ``python -c pass`` run by the very
 interpreter of the ``distributex`` script (the one its ``#!`` line names,
 so with the same site and the same .pth files), so that what the wrapper
-itself adds is told apart from what Python costs on the machine. With
-hyperfine when it is installed, else repeated runs and their median.
+itself adds is told apart from what Python costs on the machine. The same
+interpreter importing only argparse and socket shows the floor under any
+client that parses its arguments with the standard library and speaks over
+a socket. With hyperfine when it is installed, else repeated runs and their
+median.
 
     python bench/bench_client.py [--runs 60] [--no-hyperfine]
 
@@ -45,6 +48,9 @@ POOL = "bench"
 TARGET = 0.015
 ROUNDS = 6  # hyperfine batches, interleaved (see with_hyperfine)
 WRAPPER_IMPORTS = "import distributex.client.cli, distributex.client.locker"
+#: What any client parsing its arguments with argparse and speaking over a
+#: socket imports, whatever else it does: the floor under the wrapper's own.
+LIBRARY_FLOOR = "import argparse, socket"
 
 
 def script_python(script: str) -> str:
@@ -64,6 +70,7 @@ def commands(port: int, lock_file: str) -> List[Tuple[str, List[str]]]:
     return [
         ("flock FILE true (the floor)", ["flock", lock_file, "true"]),
         ("python -c pass (the wrapper's python)", [python, "-c", "pass"]),
+        ("python: argparse and socket alone", [python, "-c", LIBRARY_FLOOR]),
         ("python: the wrapper's imports", [python, "-c", WRAPPER_IMPORTS]),
         ("distributex -H ... true", [dx, *server, "true"]),
         ("distributex -l -H ... true", [dx, "-l", *server, "true"]),
@@ -143,14 +150,16 @@ def main() -> int:
         server.stop()
 
     for (name, _), median in zip(named, medians):
-        print(f"{name:<36} {median * 1000:7.1f} ms")
+        print(f"{name:<38} {median * 1000:7.1f} ms")
     print("heaviest top-level imports of the wrapper's path (python -X importtime):")
     print("\n".join(import_costs(named[1][1][0])))
-    beyond = medians[3] - medians[1]
+    interpreter, libraries, wrapper = medians[1], medians[2], medians[4]
+    beyond = wrapper - interpreter
     verdict = "PASS" if beyond <= TARGET else "FAIL"
     print(f"target: distributex -H ... true within {TARGET * 1000:g} ms of python -c pass: {verdict} "
-          f"({beyond * 1000:.1f} ms beyond it; {medians[3] * 1000:.1f} ms in all, the interpreter "
-          f"alone {medians[1] * 1000:.1f} ms)")
+          f"({beyond * 1000:.1f} ms beyond it; {wrapper * 1000:.1f} ms in all, the interpreter "
+          f"alone {interpreter * 1000:.1f} ms; argparse and socket alone "
+          f"{(libraries - interpreter) * 1000:.1f} ms beyond it)")
     return 0 if beyond <= TARGET else 2
 
 
