@@ -88,3 +88,30 @@ def etcd_cluster():
     cluster = EtcdCluster()
     yield cluster
     cluster.stop()
+
+
+@pytest.fixture
+def etcd_backends(etcd_cluster):
+    """In-process etcd backends on the session's cluster, sharing one pool
+    "p": etcd_backends(count, expire). Stopped after the test."""
+    from twisted.internet import reactor
+
+    from clientfixtures import wait_for
+    from distributex.backend.etcd import EtcdBackend
+    from distributex.config import parse_config
+
+    started = []
+
+    def start(count=2, expire=30.0):
+        config = parse_config(
+            f"backend: etcd\netcd_endpoints: {list(etcd_cluster.endpoints)}\nnamespace: t{uuid.uuid4().hex}\n"
+            f"pools:\n  - name: p\n    expire: {expire}\n")
+        backends = [EtcdBackend(config, reactor) for _ in range(count)]
+        for backend in backends:
+            backend.startService()
+        started.extend(backends)
+        return backends
+
+    yield start
+    for backend in started:
+        wait_for(backend.stopService())

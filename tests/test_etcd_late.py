@@ -9,7 +9,6 @@ again soon: the grant it was told of is not left to the 10 s backstop."""
 
 from __future__ import annotations
 
-import time
 from typing import Any, List
 
 import pytest
@@ -20,7 +19,6 @@ from clientfixtures import pause, wait_for
 from distributex.backend import etcd
 from distributex.backend.etcd import EtcdBackend
 from distributex.backend.etcd_client import NotSent
-from distributex.config import parse_config
 from etcdcluster import available
 
 pytestmark = [pytest.mark.timeout(60),
@@ -65,16 +63,8 @@ class FailsOnce:
 
 
 @pytest.fixture
-def servers(etcd_cluster):
-    config = parse_config(
-        f"backend: etcd\netcd_endpoints: {list(etcd_cluster.endpoints)}\nnamespace: late{time.monotonic_ns()}\n"
-        f"pools:\n  - name: p\n    expire: {LEASE}\n")
-    backends = [EtcdBackend(config, reactor) for _ in range(2)]
-    for backend in backends:
-        backend.startService()
-    yield backends
-    for backend in backends:
-        wait_for(backend.stopService())
+def servers(etcd_backends):
+    return etcd_backends(2, LEASE)
 
 
 def answered(d: Deferred) -> List[Any]:

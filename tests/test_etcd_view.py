@@ -9,12 +9,10 @@ import time
 from typing import Any, Dict, List
 
 import pytest
-from twisted.internet import reactor
 
 from clientfixtures import pause, wait_for
 from distributex.backend import etcd
 from distributex.backend.etcd import EtcdBackend
-from distributex.config import parse_config
 from etcdcluster import available
 
 pytestmark = [pytest.mark.timeout(60),
@@ -38,16 +36,8 @@ class Counted:
 
 
 @pytest.fixture
-def servers(etcd_cluster):
-    config = parse_config(
-        f"backend: etcd\netcd_endpoints: {list(etcd_cluster.endpoints)}\nnamespace: view{time.monotonic_ns()}\n"
-        f"pools:\n  - name: p\n    expire: 30\n")
-    backends = [EtcdBackend(config, reactor) for _ in range(2)]
-    for backend in backends:
-        backend.startService()
-    yield backends
-    for backend in backends:
-        wait_for(backend.stopService())
+def servers(etcd_backends):
+    return etcd_backends(2)
 
 
 def test_a_handoff_costs_the_waiters_server_one_transaction_with_a_queue_longer_than_the_head_it_reads(servers):
