@@ -5,10 +5,17 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 import time
+from typing import List
 
 import pytest
+from twisted.internet import reactor
+from twisted.logger import Logger, LogLevel
 
+from distributex.backend.base import BackendUnavailable
+from distributex.backend.memcache import MemcacheBackend
+from distributex.config import parse_config
 from servers import wait_until
 from test_memcache import token
 
@@ -81,6 +88,34 @@ def test_a_server_whose_clock_is_10_s_off_is_unhealthy(start_clocked, offset):
     (b,) = [start_clocked(offset, [{"name": "p", "expire": 30}])]
     answer = b.call("health")
     assert (answer.status, answer.body) == (503, b"ERROR")
+
+
+def test_a_check_during_the_first_clock_measure_already_sees_the_skew(memcached):
+    # The first measure of a clock 10 s off logs a critical line; a
+    # transaction that checks the clock in another thread meanwhile (at a
+    # server's start) must not take it for a measure that found no skew.
+    config = parse_config(f"backend: memcache\nmemcache_servers: ['{memcached.address}']\n"
+                          f"namespace: skew{time.monotonic_ns()}\npools:\n  - name: p\n")
+    backend = MemcacheBackend(config, reactor, wall=lambda: time.time() - 10)
+    node = next(iter(backend.nodes.values()))
+    checks: List[str] = []
+
+    def check() -> None:
+        try:
+            backend._check_clock(node)
+            checks.append("agrees")
+        except BackendUnavailable:
+            checks.append("skewed")
+
+    def observer(event: dict) -> None:
+        if event.get("log_level") == LogLevel.critical:
+            other = threading.Thread(target=check)
+            other.start()
+            other.join()
+
+    backend.log = Logger(observer=observer)
+    backend._measure(node)
+    assert checks == ["skewed"]
 
 
 def test_tokens_never_go_back_after_memcached_loses_a_pool(start_clocked, own_memcached):

@@ -1357,18 +1357,21 @@ class MemcacheBackend(Backend):
                 node.samples.clear()
                 node.samples.append(sample)
                 low, high = sample
+            was_skewed = node.skewed
             node.offset = (low, high)
+            node.skewed = max(abs(low), abs(high)) > MAX_CLOCK_SKEW
+            # Last: _check_clock reads it without the lock, from the worker
+            # threads, and skips measuring once it is set; the verdict must
+            # be there by then.
             node.measured_at = self.mono()
-            worst = max(abs(low), abs(high))
-            skewed = worst > MAX_CLOCK_SKEW
-            if skewed and not node.skewed:
-                self.log.critical(
-                    "this server's clock is {low:+.1f} to {high:+.1f} s off memcached {node}'s, more than "
-                    "{bound:g} s: its pools answer ERROR until the clocks agree again (run NTP)",
-                    low=-high, high=-low, node=node.address, bound=MAX_CLOCK_SKEW)
-            elif node.skewed and not skewed:
-                self.log.info("this server's clock agrees with memcached {node}'s again", node=node.address)
-            node.skewed = skewed
+            skewed = node.skewed
+        if skewed and not was_skewed:
+            self.log.critical(
+                "this server's clock is {low:+.1f} to {high:+.1f} s off memcached {node}'s, more than "
+                "{bound:g} s: its pools answer ERROR until the clocks agree again (run NTP)",
+                low=-high, high=-low, node=node.address, bound=MAX_CLOCK_SKEW)
+        elif was_skewed and not skewed:
+            self.log.info("this server's clock agrees with memcached {node}'s again", node=node.address)
 
     def _check_clock(self, node: _Node) -> None:
         if node.measured_at is None or self.mono() - node.measured_at > CLOCK_RECHECK:
