@@ -1357,14 +1357,13 @@ class MemcacheBackend(Backend):
                 node.samples.clear()
                 node.samples.append(sample)
                 low, high = sample
-            was_skewed = node.skewed
+            was_skewed, skewed = node.skewed, max(abs(low), abs(high)) > MAX_CLOCK_SKEW
             node.offset = (low, high)
-            node.skewed = max(abs(low), abs(high)) > MAX_CLOCK_SKEW
+            node.skewed = skewed
             # Last: _check_clock reads it without the lock, from the worker
             # threads, and skips measuring once it is set; the verdict must
             # be there by then.
             node.measured_at = self.mono()
-            skewed = node.skewed
         if skewed and not was_skewed:
             self.log.critical(
                 "this server's clock is {low:+.1f} to {high:+.1f} s off memcached {node}'s, more than "
