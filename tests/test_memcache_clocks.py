@@ -118,6 +118,39 @@ def test_a_check_during_the_first_clock_measure_already_sees_the_skew(memcached)
     assert checks == ["skewed"]
 
 
+def test_a_clock_sample_taken_before_a_later_one_does_not_undo_its_verdict(memcached):
+    # Two measures at once (a transaction's and the heartbeat's), the clock
+    # stepped back 20 s between them, and the older sample reaching the node
+    # last: it must not clear the newer one's verdict that the clock is off.
+    config = parse_config(f"backend: memcache\nmemcache_servers: ['{memcached.address}']\n"
+                          f"namespace: skew{time.monotonic_ns()}\npools:\n  - name: p\n")
+    offset = [0.0]
+    backend = MemcacheBackend(config, reactor, wall=lambda: time.time() + offset[0])
+    node = next(iter(backend.nodes.values()))
+    sampled = threading.Event()
+    real_stats = backend._stats
+
+    def stats(node_: object) -> dict:
+        answer = real_stats(node_)  # type: ignore[arg-type]
+        sampled.set()
+        return answer
+
+    with node.lock:  # the older measure waits for the node's lock after its sample
+        older = threading.Thread(target=backend._measure, args=(node,))
+        backend._stats = stats  # type: ignore[method-assign]
+        older.start()
+        assert sampled.wait(10)
+        time.sleep(0.2)  # it reads the clock once more, then waits for the lock
+        backend._stats = real_stats  # type: ignore[method-assign]
+        offset[0] = -20.0
+        backend._measure(node)
+        assert node.skewed
+    older.join(10)
+    assert node.skewed
+    with pytest.raises(BackendUnavailable):
+        backend._check_clock(node)
+
+
 def test_tokens_never_go_back_after_memcached_loses_a_pool(start_clocked, own_memcached):
     pools = [{"name": "p", "expire": 1}]
     a = start_clocked("+2s", pools, memcache=own_memcached)

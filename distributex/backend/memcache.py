@@ -308,6 +308,9 @@ class _Node:
         self.offset: Optional[Tuple[float, float]] = None  # memcached clock - ours, bounds
         self.measured_at: Optional[float] = None
         self.skewed = False
+        # When the newest sample added was started (monotonic): an older one
+        # that reaches the lock later knows less and is dropped.
+        self.sample_started = float("-inf")
 
 
 class _Record:
@@ -1344,12 +1347,19 @@ class MemcacheBackend(Backend):
 
     def _measure(self, node: _Node) -> None:
         """One sample of the offset between memcached's clock and ours."""
+        started = self.mono()
         before = self.wall()
         stats = self._stats(node)
         after = self.wall()
         at = float(stats[b"time"])
         sample = (at - after, at + MEMCACHED_TIME_LAG - before)
         with node.lock:
+            if started < node.sample_started:
+                # Another thread's later sample got here first (a transaction
+                # and the heartbeat measuring at once): after a clock step this
+                # one would clear that sample's verdict with a stale one.
+                return
+            node.sample_started = started
             node.samples.append(sample)
             low = max(s[0] for s in node.samples)
             high = min(s[1] for s in node.samples)
