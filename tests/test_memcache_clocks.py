@@ -1,5 +1,6 @@
 """The memcache backend when the servers' clocks disagree: real memcached,
-real twistd servers, some of them under libfaketime (Debian's faketime)."""
+real twistd servers, some of them under libfaketime (Debian's faketime),
+and backends in this process whose clock measures race in threads."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import os
 import shutil
 import threading
 import time
-from typing import List
+from typing import Any, Callable, List
 
 import pytest
 from twisted.internet import reactor
@@ -90,13 +91,18 @@ def test_a_server_whose_clock_is_10_s_off_is_unhealthy(start_clocked, offset):
     assert (answer.status, answer.body) == (503, b"ERROR")
 
 
+def in_process(memcached: Any, wall: Callable[[], float]) -> MemcacheBackend:
+    """A memcache backend in this process, not started, on the given wall clock."""
+    config = parse_config(f"backend: memcache\nmemcache_servers: ['{memcached.address}']\n"
+                          f"namespace: skew{time.monotonic_ns()}\npools:\n  - name: p\n")
+    return MemcacheBackend(config, reactor, wall=wall)
+
+
 def test_a_check_during_the_first_clock_measure_already_sees_the_skew(memcached):
     # The first measure of a clock 10 s off logs a critical line; a
     # transaction that checks the clock in another thread meanwhile (at a
     # server's start) must not take it for a measure that found no skew.
-    config = parse_config(f"backend: memcache\nmemcache_servers: ['{memcached.address}']\n"
-                          f"namespace: skew{time.monotonic_ns()}\npools:\n  - name: p\n")
-    backend = MemcacheBackend(config, reactor, wall=lambda: time.time() - 10)
+    backend = in_process(memcached, wall=lambda: time.time() - 10)
     node = next(iter(backend.nodes.values()))
     checks: List[str] = []
 
@@ -122,10 +128,8 @@ def test_a_clock_sample_taken_before_a_later_one_does_not_undo_its_verdict(memca
     # Two measures at once (a transaction's and the heartbeat's), the clock
     # stepped back 20 s between them, and the older sample reaching the node
     # last: it must not clear the newer one's verdict that the clock is off.
-    config = parse_config(f"backend: memcache\nmemcache_servers: ['{memcached.address}']\n"
-                          f"namespace: skew{time.monotonic_ns()}\npools:\n  - name: p\n")
     offset = [0.0]
-    backend = MemcacheBackend(config, reactor, wall=lambda: time.time() + offset[0])
+    backend = in_process(memcached, wall=lambda: time.time() + offset[0])
     node = next(iter(backend.nodes.values()))
     sampled = threading.Event()
     real_stats = backend._stats
