@@ -1013,7 +1013,7 @@ class EtcdBackend(Backend):
         if fresh and view.mark < self._had_holders.get(name, 0):
             # Read before this server saw the pool with holders (a slow
             # answer, overtaken by the watch): not a sign that it vanished.
-            return _Retry(view.wlo, view.whi or 0, view.limit, exact=view.whi is None)
+            return _Retry(view.wlo, view.whi, view.limit)
         if fresh:
             state.last_token = self._floor(name, wall)
             if name in self._had_holders:
