@@ -292,13 +292,18 @@ class _Result:
         self.revision = revision
 
 
+#: One key a txn writes: (key, value, lease), the value None when it deletes the key.
+Change = Tuple[bytes, Optional[bytes], int]
+
+
 class _Plan:
     """A batch applied: the result, and the txn that makes it so."""
 
-    __slots__ = ("result", "compares", "writes", "txn_id", "obs", "value", "new_seqs")
+    __slots__ = ("result", "compares", "writes", "txn_id", "obs", "value", "new_seqs", "changes")
 
     def __init__(self, result: "_Result", compares: List[Dict], writes: List[Dict], txn_id: str,
-                 obs: Dict[tuple, float], value: Optional[Dict[str, Any]], new_seqs: Dict[str, int]) -> None:
+                 obs: Dict[tuple, float], value: Optional[Dict[str, Any]], new_seqs: Dict[str, int],
+                 changes: Optional[List[Change]] = None) -> None:
         self.result = result
         self.compares = compares
         self.writes = writes
@@ -306,6 +311,9 @@ class _Plan:
         self.obs = obs
         self.value = value
         self.new_seqs = new_seqs
+        # The writes key by key, when the view after them can be built
+        # without reading it back (see EtcdBackend._view_after); else None.
+        self.changes = changes
 
 
 class _NeedLease(Exception):
@@ -905,14 +913,16 @@ class EtcdBackend(Backend):
                     return plan.result
                 for ticket_id, seq in plan.new_seqs.items():
                     self._seqs.setdefault(ticket_id, []).append(seq)  # in case its fate is unknown
-                # The txn reads the pool back after its writes, for the next
-                # operation: from the head as it leaves it, so that the window
-                # follows the queue (one from an old head would have to be
-                # read again once the queue has moved past its end).
+                # The view after the txn, for the next operation: from the
+                # head as the txn leaves it, so that the window follows the
+                # queue (one from an old head would have to be read again
+                # once the queue has moved past its end). Built here when the
+                # txn's compares pin the view; else the txn reads it back.
                 alo, ahi, alimit = wlo, whi, limit
                 if plan.value is not None and not full:
                     alo, ahi, alimit = self._window(name, spec, False, int(plan.value.get("lo", wlo)))
-                after = self._read_ops(name, alo, ahi, alimit, need)
+                built = plan.changes is not None and not full and not need
+                after = [] if built else self._read_ops(name, alo, ahi, alimit, need)
                 if len(plan.writes) + len(after) > MAX_TXN_OPS or need:
                     after = []
                 mark = self._sightings
@@ -927,7 +937,10 @@ class EtcdBackend(Backend):
                     continue
                 revision = int(answer["header"]["revision"])
                 if answer.get("succeeded"):
-                    if after:
+                    if built:
+                        self._keep_view(name, self._view_after(name, view, plan.changes or [], revision, mark,
+                                                               alo, ahi, alimit), alo, ahi, alimit)
+                    elif after:
                         fresh = self._parse(answer.get("responses", [])[len(plan.writes):], revision, mark,
                                             alo, ahi, alimit)
                         self._keep_view(name, fresh, alo, ahi, alimit)
@@ -956,6 +969,37 @@ class EtcdBackend(Backend):
         compares = [mod_is(self._pool_key(name), view.pool.mod_revision if view.pool is not None else 0)]
         compares += [mod_is(kv.key, kv.mod_revision) for kv in view.head + view.extra]
         return compares[:MAX_TXN_OPS]
+
+    def _view_after(self, name: str, view: _View, changes: List[Change], revision: int, mark: int,
+                    wlo: int, whi: Optional[int], limit: int) -> _View:
+        """What a read of the window (wlo, whi, limit) would return just after
+        a txn that committed ``changes`` at ``revision`` over ``view``, whose
+        compares pinned every key the view holds (see _writes)."""
+        after = _View()
+        after.revision, after.mark = revision, mark
+        pool_key, q, a = self._pool_key(name), self._q(name), self._a(name)
+        queue = {kv.key: kv for kv in view.head}
+        answers = {kv.key: kv for kv in view.answers}
+        for key, value, lease in changes:
+            if key == pool_key:
+                if value is not None:
+                    after.pool = KV.written(key, value, revision, lease, view.pool)
+                    after.meta = json.loads(value)
+                continue
+            keys = queue if key.startswith(q) else answers if key.startswith(a) else None
+            if keys is None:
+                continue
+            if value is None:
+                keys.pop(key, None)
+            else:
+                keys[key] = KV.written(key, value, revision, lease, keys.get(key))
+        after.answers = sorted(answers.values(), key=lambda kv: kv.key)
+        end = 1 << 62 if whi is None else whi
+        inside = [kv for kv in sorted(queue.values(), key=lambda kv: kv.key) if wlo <= _seq_of(kv.key)[0] < end]
+        after.head = inside[:limit] if limit else inside
+        after.window_count = len(inside)
+        after.wlo, after.whi, after.limit = wlo, end, limit
+        return after
 
     def _keep_view(self, name: str, view: _View, wlo: int, whi: Optional[int], limit: int) -> None:
         """Remember a view for the pool's next operation, unless the watch
@@ -1094,6 +1138,16 @@ class EtcdBackend(Backend):
         key = self._pool_key(name)
         compares = [mod_is(key, view.pool.mod_revision if view.pool is not None else 0)]
         writes: List[Dict] = []
+        changes: List[Change] = []
+
+        def put(k: bytes, value: bytes, lease: int = 0) -> None:
+            writes.append(put_op(k, value, lease))
+            changes.append((k, value, lease))
+
+        def delete(k: bytes) -> None:
+            writes.append(delete_op(k))
+            changes.append((k, None, 0))
+
         for kv in loaded_q.values():
             compares.append(mod_is(kv.key, kv.mod_revision))
         # Waiters gone from the queue (granted, left, reset).
@@ -1105,7 +1159,8 @@ class EtcdBackend(Backend):
         if reset_all:
             writes.append(delete_op(self._q(name), prefix_end(self._q(name))))
         else:
-            writes += [delete_op(loaded_q[t].key) for t in removed]
+            for t in removed:
+                delete(loaded_q[t].key)
         # New waiters: ours, at the back, bound to our lease.
         seq = int(meta.get("seq", 0))
         lo = int(meta.get("lo", 0))
@@ -1116,16 +1171,16 @@ class EtcdBackend(Backend):
             if self.lease is None:
                 raise _NeedLease()
             new_seqs[ticket_id] = seq
-            writes.append(put_op(self._q_key(name, seq, ticket_id), _dumps(
+            put(self._q_key(name, seq, ticket_id), _dumps(
                 [ticket_id, ticket.host, ticket.session, ticket.label, wall - (result.now - ticket.queued_at),
-                 ticket.server, ticket.origin]), self.lease))
+                 ticket.server, ticket.origin]), self.lease)
             seq += 1
         # Answers: taken ones deleted, new ones written bound to their owner's lease.
         grants: Set[int] = set()
         for ticket_id, kv in loaded_a.items():
             if ticket_id not in state.answers:
                 compares.append(mod_is(kv.key, kv.mod_revision))
-                writes.append(delete_op(kv.key))
+                delete(kv.key)
         for ticket_id, answer in state.answers.items():
             if answer.kind == RESET:
                 continue
@@ -1141,8 +1196,7 @@ class EtcdBackend(Backend):
                 continue  # nothing to bind it to: the next transaction gives the hold back
             if answer.kind == GRANTED:
                 grants.add(answer.token)
-            writes.append(put_op(self._a_key(name, ticket_id), _dumps([answer.kind, answer.token, answer.server]),
-                                 owner))
+            put(self._a_key(name, ticket_id), _dumps([answer.kind, answer.token, answer.server]), owner)
         # The queue's bounds: no waiter key below ``lo``, ``n`` of them.
         if len(view.head) < view.limit or view.limit == 0:
             scan_end = min(view.whi, int(meta.get("seq", 0)))  # every key below it was read
@@ -1170,12 +1224,17 @@ class EtcdBackend(Backend):
         }
         if resets:
             value["op"] = "reset"
-        writes.append(put_op(key, _dumps(value)))
+        put(key, _dumps(value))
         if len(writes) > MAX_TXN_OPS or len(compares) > MAX_TXN_OPS:
             raise BackendUnavailable(
                 f"pool {name!r}: one change needs {max(len(writes), len(compares))} etcd operations, "
                 f"more than etcd's --max-txn-ops ({MAX_TXN_OPS})")
-        return _Plan(result, compares, writes, txn_id, obs, value, new_seqs)
+        # The compares pin the whole view when it held the whole queue and
+        # every answer it read is deleted here: an answer kept is not
+        # compared, and its lease could end unseen before the commit.
+        pinned = (view.pool is not None and bool(meta) and not reset_all and not view.extra and view.exact
+                  and len(view.head) == view.total and all(t not in state.answers for t in loaded_a))
+        return _Plan(result, compares, writes, txn_id, obs, value, new_seqs, changes if pinned else None)
 
     def _landed(self, name: str, plan: "_Plan", revision: int) -> _Result:
         """A write committed: what it wrote is now what this server knows.

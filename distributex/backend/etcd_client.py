@@ -102,6 +102,16 @@ class KV:
         self.version = int(raw.get("version", 0))
         self.lease = int(raw.get("lease", 0))
 
+    @classmethod
+    def written(cls, key: bytes, value: bytes, revision: int, lease: int = 0,
+                before: Optional["KV"] = None) -> "KV":
+        """The key-value a put at ``revision`` leaves (over ``before``, if the key existed)."""
+        kv = cls.__new__(cls)
+        kv.key, kv.value, kv.mod_revision, kv.lease = key, value, revision, lease
+        kv.create_revision = before.create_revision if before is not None else revision
+        kv.version = before.version + 1 if before is not None else 1
+        return kv
+
     def __repr__(self) -> str:
         return f"KV({self.key!r}, mod={self.mod_revision})"
 
