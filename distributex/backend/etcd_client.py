@@ -1,5 +1,8 @@
-"""A small etcd v3 client over etcd's JSON gateway (``/v3/...``), on treq's
-Agent: nothing here blocks the reactor.
+"""A small etcd v3 client over etcd's JSON gateway (``/v3/...``), on
+Twisted: nothing here blocks the reactor. Watches go on twisted.web's
+Agent; the other requests on kept-alive connections of our own whose
+answers httptools parses (etcd_http.py), or on the Agent where httptools
+is not installed (PyPy).
 
 Why the gateway and not a gRPC library: the gateway is part of every etcd
 v3 server (3.3 and later; 3.4 serves ``/v3/``), speaks HTTP/1.1 and JSON,
@@ -34,7 +37,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 from urllib.parse import urlsplit
 
 from twisted.internet import error as netError
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
+from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.internet.interfaces import IConsumer, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater
@@ -46,6 +50,8 @@ from twisted.web.iweb import IBodyProducer, IPolicyForHTTPS
 from zope.interface import implementer
 
 from distributex.backend.base import BackendUnavailable
+from distributex.backend.etcd_http import AVAILABLE as LEAN_AVAILABLE
+from distributex.backend.etcd_http import Address, LeanHTTP
 
 log = Logger()
 
@@ -246,6 +252,11 @@ class EtcdClient:
         if policy is not None:
             kwargs["contextFactory"] = policy
         self.agent = Agent(reactor, **kwargs)
+        # Requests with an answer of their own go on lean connections where
+        # httptools is installed (etcd_http.py); watches always on the Agent.
+        self.lean = LeanHTTP(reactor, policy.creatorForNetloc if policy is not None else None) \
+            if LEAN_AVAILABLE else None
+        self._addresses: Dict[str, Address] = {}
         # Watches get their own connections: a stream never returns to a pool.
         self.stream_pool = HTTPConnectionPool(reactor, persistent=False)
         self.stream_pool._factory = _QuietFactory
@@ -280,9 +291,14 @@ class EtcdClient:
         """One request to one endpoint: its JSON answer, or NotSent/Ambiguous/EtcdError."""
         if authenticate and self.user is not None and self._token is None:
             await self._authenticate(endpoint)
-        headers = self._headers() if authenticate else Headers({b"content-type": [b"application/json"]})
-        d: Deferred[Any] = self.agent.request(b"POST", (endpoint + path).encode(), headers, _Body(body))
-        d.addCallback(_read_json)
+        d: Deferred[Any]
+        if self.lean is not None:
+            token = b"authorization: %s\r\n" % self._token.encode() if authenticate and self._token else b""
+            d = self.lean.post(self._address(endpoint), path, body, token).addCallback(
+                lambda reply: _json_answer(*reply))
+        else:
+            headers = self._headers() if authenticate else Headers({b"content-type": [b"application/json"]})
+            d = self.agent.request(b"POST", (endpoint + path).encode(), headers, _Body(body)).addCallback(_read_json)
         d.addTimeout(self.timeout, self.reactor)
         status: int
         answer: Dict[str, Any]
@@ -290,7 +306,7 @@ class EtcdClient:
             status, answer = await d
         except _UNSENT as e:
             raise NotSent(f"etcd {endpoint}: {e.__class__.__name__}") from None
-        except (CancelledError, netError.TimeoutError):
+        except (CancelledError, netError.TimeoutError, DeferredTimeout):
             raise Ambiguous(f"etcd {endpoint} did not answer within {self.timeout:g} s") from None
         except ValueError:
             raise Ambiguous(f"etcd {endpoint}: an answer that is not JSON") from None
@@ -307,6 +323,15 @@ class EtcdClient:
         if any(m in message for m in _NOT_APPLIED) or status in (404, 405, 400):
             raise NotSent(f"etcd {endpoint}: {message}")
         raise Ambiguous(f"etcd {endpoint}: {message}")
+
+    def _address(self, endpoint: str) -> Address:
+        address = self._addresses.get(endpoint)
+        if address is None:
+            url = urlsplit(endpoint)
+            scheme = url.scheme or "http"
+            address = self._addresses[endpoint] = (scheme, url.hostname or "localhost",
+                                                   url.port or (443 if scheme == "https" else 80))
+        return address
 
     async def request(self, path: str, payload: Dict[str, Any], endpoint: Optional[str] = None) -> Dict[str, Any]:
         """One try, on the current endpoint (or the one given): the answer,
@@ -384,7 +409,10 @@ class EtcdClient:
         return WatchStream(self, endpoint, json.dumps(payload).encode(), on_message)
 
     def close(self) -> Deferred:
-        return self.pool.closeCachedConnections()
+        closing = [self.pool.closeCachedConnections()]
+        if self.lean is not None:
+            closing.append(self.lean.close())
+        return DeferredList(closing)
 
 
 class _Reauthenticate(EtcdError):
@@ -406,21 +434,21 @@ def _is_final(e: EtcdError) -> bool:
                                    "lease not found"))
 
 
+def _json_answer(code: int, body: bytes) -> Tuple[int, Dict[str, Any]]:
+    """(status, the JSON object answered); ValueError if it is none."""
+    try:
+        answer = json.loads(body) if body else {}
+    except ValueError:
+        if code != 200:
+            return code, {"message": body[:200].decode("utf-8", "replace")}
+        raise
+    if not isinstance(answer, dict):
+        raise ValueError("not an object")
+    return code, answer
+
+
 def _read_json(response: Any) -> Deferred:
-    code = response.code
-
-    def parse(body: bytes) -> Tuple[int, Dict[str, Any]]:
-        try:
-            answer = json.loads(body) if body else {}
-        except ValueError:
-            if code != 200:
-                return code, {"message": body[:200].decode("utf-8", "replace")}
-            raise
-        if not isinstance(answer, dict):
-            raise ValueError("not an object")
-        return code, answer
-
-    return readBody(response).addCallback(parse)
+    return readBody(response).addCallback(lambda body: _json_answer(response.code, body))
 
 
 class _QuietFactory(_HTTP11ClientFactory):
