@@ -12,6 +12,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import ensureDeferred
 from twisted.internet.address import IPv4Address
 from twisted.internet.protocol import Protocol, ServerFactory
+from twisted.logger import formatEvent, globalLogPublisher
 
 from clientfixtures import spin_until, wait_for
 from distributex.backend.etcd_client import Ambiguous, EtcdClient, NotSent, put_op
@@ -149,3 +150,14 @@ def _refusing_endpoint() -> str:
     port = s.getsockname()[1]
     s.close()
     return f"http://127.0.0.1:{port}"
+
+
+def test_a_new_connection_writes_nothing_to_the_log(etcd_cluster, clients):
+    lines: List[str] = []
+    observer = lambda event: lines.append(formatEvent(event))  # noqa: E731
+    globalLogPublisher.addObserver(observer)
+    try:
+        request(clients(etcd_cluster.endpoints[:1]), {"success": []})
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    assert [line for line in lines if line != "Main loop terminated."] == []  # wait_for stops the reactor

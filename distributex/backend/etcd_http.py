@@ -24,10 +24,10 @@ from __future__ import annotations
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from twisted.internet.defer import Deferred, DeferredList
-from twisted.internet.endpoints import HostnameEndpoint, connectProtocol, wrapClientTLS
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 
 try:
@@ -131,6 +131,18 @@ class _Exchange(Protocol):
         self.closed.callback(None)
 
 
+class _OneShot(Factory):
+    """connectProtocol's factory, without a "Starting factory" log line per connection."""
+
+    noisy = False
+
+    def __init__(self, exchange: _Exchange) -> None:
+        self.exchange = exchange
+
+    def buildProtocol(self, addr: Any) -> _Exchange:
+        return self.exchange
+
+
 class LeanHTTP:
     """POST requests with JSON bodies, on a few kept-alive connections per endpoint."""
 
@@ -173,7 +185,7 @@ class LeanHTTP:
             endpoint = wrapClientTLS(self.tls(host.encode("idna"), port), endpoint)
         exchange = _Exchange(lambda e: self._idle(address, e), self._gone)
         self.open.add(exchange)
-        d: Deferred[_Exchange] = connectProtocol(endpoint, exchange)
+        d: Deferred[_Exchange] = endpoint.connect(_OneShot(exchange))
         d.addErrback(self._not_connected, exchange)
         return d
 
