@@ -210,7 +210,9 @@ class DistributexServer:
         raise KeyError(name)
 
     def status(self, pool: str) -> Dict[str, Any]:
-        return self.call("status", pool=pool, format="json").json()["pools"][0]
+        answer = self.call("status", pool=pool, format="json")
+        assert "pools" in answer.json(), f"/status/ answered {answer.status}: {answer.text}\n{self.log()[-4000:]}"
+        return answer.json()["pools"][0]
 
     def log(self) -> str:
         with open(self.log_path, errors="replace") as f:
