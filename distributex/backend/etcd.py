@@ -1231,9 +1231,11 @@ class EtcdBackend(Backend):
                 f"more than etcd's --max-txn-ops ({MAX_TXN_OPS})")
         # The compares pin the whole view when it held the whole queue and
         # every answer it read is deleted here: an answer kept is not
-        # compared, and its lease could end unseen before the commit.
+        # compared, and its lease could end unseen before the commit. A key
+        # whose value did not parse is not compared either.
         pinned = (view.pool is not None and bool(meta) and not reset_all and not view.extra and view.exact
-                  and len(view.head) == view.total and all(t not in state.answers for t in loaded_a))
+                  and len(view.head) == view.total == len(loaded_q) and len(view.answers) == len(loaded_a)
+                  and all(t not in state.answers for t in loaded_a))
         return _Plan(result, compares, writes, txn_id, obs, value, new_seqs, changes if pinned else None)
 
     def _landed(self, name: str, plan: "_Plan", revision: int) -> _Result:
