@@ -127,6 +127,32 @@ def test_an_answer_in_pieces_is_put_together(peer, clients):
     assert request(clients([peer(react)]))["header"]["revision"] == "1"
 
 
+def test_bytes_after_an_answer_are_not_taken_for_it_and_its_connection_is_not_reused(peer, clients):
+    seen: List[Any] = []
+
+    def react(data: bytes, transport: Any) -> None:
+        seen.append(transport)
+        transport.write(answer(OK_JSON) + answer(b'{"header":{"revision":"2"}}'))
+
+    client = clients([peer(react)])
+    assert request(client) == {"header": {"revision": "1"}}
+    assert request(client) == {"header": {"revision": "1"}}
+    assert len(seen) == 2 and seen[0] is not seen[1]
+
+
+def test_garbage_after_an_answer_leaves_the_answer_and_drops_the_connection(peer, clients):
+    seen: List[Any] = []
+
+    def react(data: bytes, transport: Any) -> None:
+        seen.append(transport)
+        transport.write(answer(OK_JSON) + b"\x00\x01 not http\r\n\r\n")
+
+    client = clients([peer(react)])
+    assert request(client) == {"header": {"revision": "1"}}
+    assert request(client) == {"header": {"revision": "1"}}
+    assert len(seen) == 2 and seen[0] is not seen[1]
+
+
 def test_an_endpoint_that_refuses_is_not_sent(clients):
     with pytest.raises(NotSent):
         request(clients([_refusing_endpoint()]))
@@ -143,6 +169,24 @@ def test_the_agent_serves_where_httptools_is_missing(etcd_cluster, clients):
     assert request(client, {"success": [put_op(b"lean-http-test", b"agent")]})["succeeded"]
 
 
+@pytest.mark.parametrize("lean", [True, False], ids=["lean", "agent"])
+def test_a_timeout_while_connecting_is_not_sent(clients, lean):
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    queued = socket.create_connection(("127.0.0.1", port))  # fills the backlog: the next SYNs are dropped
+    try:
+        client = clients([f"http://127.0.0.1:{port}"], timeout=0.3)
+        if not lean:
+            client.lean = None
+        with pytest.raises(NotSent, match="no connection within"):
+            request(client)
+    finally:
+        queued.close()
+        listener.close()
+
+
 def _refusing_endpoint() -> str:
     """A loopback port with nothing listening on it."""
     s = socket.socket()
@@ -150,6 +194,14 @@ def _refusing_endpoint() -> str:
     port = s.getsockname()[1]
     s.close()
     return f"http://127.0.0.1:{port}"
+
+
+def test_close_closes_every_connection_and_a_later_request_opens_a_new_one(etcd_cluster, clients):
+    client = clients(etcd_cluster.endpoints[:1])
+    request(client, {"success": []})
+    wait_for(client.close())
+    assert not client.lean.open
+    assert request(client, {"success": []})["succeeded"]
 
 
 def test_a_new_connection_writes_nothing_to_the_log(etcd_cluster, clients):

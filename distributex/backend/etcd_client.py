@@ -306,6 +306,9 @@ class EtcdClient:
             status, answer = await d
         except _UNSENT as e:
             raise NotSent(f"etcd {endpoint}: {e.__class__.__name__}") from None
+        except netError.ConnectingCancelledError:
+            # The timeout fell while connecting: nothing was written.
+            raise NotSent(f"etcd {endpoint}: no connection within {self.timeout:g} s") from None
         except (CancelledError, netError.TimeoutError, DeferredTimeout):
             raise Ambiguous(f"etcd {endpoint} did not answer within {self.timeout:g} s") from None
         except ValueError:

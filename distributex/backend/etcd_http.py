@@ -60,6 +60,7 @@ class _Exchange(Protocol):
         self.parser: Any = None
         self.body: List[bytes] = []
         self.complete = False
+        self.stray = False
         self.keep = False
         self.status = 0
         self.gone = False
@@ -70,7 +71,7 @@ class _Exchange(Protocol):
         self.waiting = Deferred(lambda _: self._abort())
         self.parser = httptools.HttpResponseParser(self)
         self.body = []
-        self.complete = False
+        self.complete = self.stray = False
         self.transport.write(data)  # type: ignore[union-attr]
         return self.waiting
 
@@ -81,10 +82,19 @@ class _Exchange(Protocol):
 
     # httptools' callbacks
 
+    def on_message_begin(self) -> None:
+        if self.complete:
+            # Bytes after the answer, in the same read: no request of ours
+            # asked for them, so the connection is out of step; not reused.
+            self.stray = True
+
     def on_body(self, body: bytes) -> None:
-        self.body.append(body)
+        if not self.complete:
+            self.body.append(body)
 
     def on_message_complete(self) -> None:
+        if self.complete:
+            return  # a stray answer's end (see on_message_begin)
         # Asked now: the parser forgets the answer's headers once it is over.
         self.keep = self.parser.should_keep_alive()
         self.status = self.parser.get_status_code()
@@ -100,11 +110,13 @@ class _Exchange(Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as e:
-            self._fail(ValueError(f"etcd's answer is not HTTP: {e}"))
-            return
+            if not self.complete:
+                self._fail(ValueError(f"etcd's answer is not HTTP: {e}"))
+                return
+            self.stray = True  # garbage after a whole answer (see on_message_begin)
         if not self.complete:
             return
-        status, keep = self.status, self.keep
+        status, keep = self.status, self.keep and not self.stray
         self.waiting, self.parser = None, None
         body = b"".join(self.body)
         self.body = []
@@ -151,7 +163,6 @@ class LeanHTTP:
         self.tls = tls  # (hostname, port) -> a TLS connection creator, for https endpoints
         self.idle: Dict[Address, List[_Exchange]] = {}
         self.open: Set[_Exchange] = set()
-        self.closing = False
 
     def post(self, address: Address, path: str, body: bytes, headers: bytes = b"") -> "Deferred[Tuple[int, bytes]]":
         """(status, body) of one request; ``headers`` are extra header lines, each ending in CRLF."""
@@ -170,9 +181,8 @@ class LeanHTTP:
         return d
 
     def _send(self, exchange: _Exchange, data: bytes) -> "Deferred[Tuple[int, bytes]]":
-        if self.closing:
-            exchange.gone = True
-            exchange.transport.loseConnection()  # type: ignore[union-attr]
+        if exchange.gone:  # close() was called while it was being opened
+            exchange.transport.abortConnection()  # type: ignore[union-attr]
             raise ConnectionClosed("closing")
         return exchange.send(data)
 
@@ -208,14 +218,15 @@ class LeanHTTP:
                 idle.remove(exchange)
 
     def close(self) -> Deferred:
-        """Close every connection; fires once all are closed. (One still
-        being opened is closed as soon as it is.)"""
-        self.closing = True
+        """Close every connection; fires once all are closed. One still
+        being opened is closed as soon as it is; a later request opens a
+        new one. Aborted, not closed gracefully: a TLS close would wait for
+        the peer's answer, for ever if the endpoint went dark."""
         waits = []
         for exchange in list(self.open):
+            exchange.gone = True
             if exchange.transport is not None:
                 waits.append(exchange.closed)
-                exchange.gone = True
-                exchange.transport.loseConnection()
+                exchange.transport.abortConnection()  # type: ignore[attr-defined]
         self.idle.clear()
         return DeferredList(waits)
