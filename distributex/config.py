@@ -12,6 +12,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple, Union
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -282,6 +283,24 @@ def _access(source: str, raw: Any) -> AccessList:
     return AccessList(entries)
 
 
+def _endpoint_problem(endpoint: str) -> Optional[str]:
+    """What is wrong with an etcd endpoint URL that looks like one, or None."""
+    url = urlsplit(endpoint)
+    try:
+        url.port
+    except ValueError:
+        return "the port must be a number from 0 to 65535"
+    host = url.hostname
+    if not host:
+        return "names no host"
+    if ":" not in host:  # an IPv6 address is not a name
+        try:
+            host.encode("idna")
+        except UnicodeError:
+            return "is not a valid host name"
+    return None
+
+
 def _etcd(source: str, data: Dict[str, Any], backend: str) -> Dict[str, Any]:
     """The etcd_* keys, checked; only with backend: etcd."""
     given = sorted(k for k in data if k.startswith("etcd_"))
@@ -295,6 +314,10 @@ def _etcd(source: str, data: Dict[str, Any], backend: str) -> Dict[str, Any]:
         if not isinstance(endpoints, list) or not endpoints or not all(
                 isinstance(e, str) and re.match(r"^https?://[^/\s]+$", e.rstrip("/")) for e in endpoints):
             _fail(source, "etcd_endpoints", "must be a non-empty list of http[s]://host:port URLs")
+        for endpoint in endpoints:
+            problem = _endpoint_problem(endpoint.rstrip("/"))
+            if problem:
+                _fail(source, "etcd_endpoints", f"{endpoint!r}: {problem}")
         out["etcd_endpoints"] = tuple(e.rstrip("/") for e in endpoints)
     for key in ("etcd_cacert", "etcd_cert", "etcd_key", "etcd_user", "etcd_password_file"):
         if key in data:

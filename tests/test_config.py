@@ -223,6 +223,28 @@ def test_a_bad_memcache_servers_entry_is_an_error():
     assert "memcache_servers" in error("memcache_servers: ['b:notaport']\n")
 
 
+ETCD = "backend: etcd\n" + POOL
+
+
+def test_etcd_endpoints_name_the_members_of_the_etcd_cluster():
+    config = parse_config(ETCD + "etcd_endpoints: ['http://10.0.0.5:2379/', 'https://[::1]:2379']\n")
+    assert config.etcd_endpoints == ("http://10.0.0.5:2379", "https://[::1]:2379")
+
+
+@pytest.mark.parametrize("endpoint", ["10.0.0.5:2379", "http://h:2379/v3", "http://h:notaport",
+                                      "http://h:70000", "http://a..b:2379", "http://:2379"])
+def test_an_etcd_endpoint_that_is_not_a_host_and_port_url_is_an_error(endpoint):
+    assert "etcd_endpoints" in error(ETCD + f"etcd_endpoints: ['{endpoint}']\n")
+
+
+def test_etcd_keys_with_another_backend_are_an_error():
+    assert "etcd_endpoints" in error(POOL + "etcd_endpoints: ['http://h:2379']\n")
+
+
+def test_an_etcd_cert_without_its_key_is_an_error():
+    assert "etcd_key go together" in error(ETCD + "etcd_endpoints: ['https://h:2379']\netcd_cert: c.pem\n")
+
+
 def test_a_poll_interval_below_a_millisecond_is_an_error():
     assert "poll_interval" in error("poll_interval: 0\n")
 
