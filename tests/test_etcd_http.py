@@ -84,17 +84,27 @@ def test_requests_to_one_endpoint_share_one_kept_alive_connection(etcd_cluster, 
     assert len(connects) == 1 and len(client.lean.open) == 1
 
 
-def test_an_answer_that_asks_to_close_is_read_and_its_connection_not_reused(peer, clients):
+def connections_for_two_requests(peer: Any, clients: Any, reply: bytes) -> int:
+    """Two requests to a peer that writes ``reply`` to each: on how many
+    connections they went (each must get the first answer in ``reply``)."""
     seen: List[Any] = []
 
     def react(data: bytes, transport: Any) -> None:
         seen.append(transport)
-        transport.write(answer(OK_JSON, close=True))
+        transport.write(reply)
 
     client = clients([peer(react)])
-    assert request(client)["header"]["revision"] == "1"
-    assert request(client)["header"]["revision"] == "1"
-    assert len(seen) == 2 and seen[0] is not seen[1]
+    assert request(client) == {"header": {"revision": "1"}}
+    assert request(client) == {"header": {"revision": "1"}}
+    return len(set(seen))
+
+
+def test_an_answer_that_asks_to_close_is_read_and_its_connection_not_reused(peer, clients):
+    assert connections_for_two_requests(peer, clients, answer(OK_JSON, close=True)) == 2
+
+
+def test_an_answer_that_keeps_alive_leaves_its_connection_for_the_next_request(peer, clients):
+    assert connections_for_two_requests(peer, clients, answer(OK_JSON)) == 1
 
 
 def test_a_request_that_outlives_the_timeout_is_ambiguous_and_its_connection_is_dropped(peer, clients):
@@ -128,29 +138,12 @@ def test_an_answer_in_pieces_is_put_together(peer, clients):
 
 
 def test_bytes_after_an_answer_are_not_taken_for_it_and_its_connection_is_not_reused(peer, clients):
-    seen: List[Any] = []
-
-    def react(data: bytes, transport: Any) -> None:
-        seen.append(transport)
-        transport.write(answer(OK_JSON) + answer(b'{"header":{"revision":"2"}}'))
-
-    client = clients([peer(react)])
-    assert request(client) == {"header": {"revision": "1"}}
-    assert request(client) == {"header": {"revision": "1"}}
-    assert len(seen) == 2 and seen[0] is not seen[1]
+    second = answer(b'{"header":{"revision":"2"}}')
+    assert connections_for_two_requests(peer, clients, answer(OK_JSON) + second) == 2
 
 
 def test_garbage_after_an_answer_leaves_the_answer_and_drops_the_connection(peer, clients):
-    seen: List[Any] = []
-
-    def react(data: bytes, transport: Any) -> None:
-        seen.append(transport)
-        transport.write(answer(OK_JSON) + b"\x00\x01 not http\r\n\r\n")
-
-    client = clients([peer(react)])
-    assert request(client) == {"header": {"revision": "1"}}
-    assert request(client) == {"header": {"revision": "1"}}
-    assert len(seen) == 2 and seen[0] is not seen[1]
+    assert connections_for_two_requests(peer, clients, answer(OK_JSON) + b"\x00\x01 not http\r\n\r\n") == 2
 
 
 def test_an_endpoint_that_refuses_is_not_sent(clients):
