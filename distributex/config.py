@@ -284,8 +284,11 @@ def _access(source: str, raw: Any) -> AccessList:
 
 
 def _endpoint_problem(endpoint: str) -> Optional[str]:
-    """What is wrong with an etcd endpoint URL that looks like one, or None."""
+    """What is wrong with an etcd endpoint (an http[s]://host:port URL), or None."""
     url = urlsplit(endpoint)
+    if url.scheme not in ("http", "https") or url.path.rstrip("/") or url.query or url.fragment \
+            or any(c.isspace() for c in endpoint):
+        return "is not an http[s]://host:port URL"
     try:
         url.port
     except ValueError:
@@ -311,11 +314,10 @@ def _etcd(source: str, data: Dict[str, Any], backend: str) -> Dict[str, Any]:
         endpoints = data["etcd_endpoints"]
         if isinstance(endpoints, str):
             endpoints = [e.strip() for e in endpoints.split(",")]
-        if not isinstance(endpoints, list) or not endpoints or not all(
-                isinstance(e, str) and re.match(r"^https?://[^/\s]+$", e.rstrip("/")) for e in endpoints):
+        if not isinstance(endpoints, list) or not endpoints or not all(isinstance(e, str) for e in endpoints):
             _fail(source, "etcd_endpoints", "must be a non-empty list of http[s]://host:port URLs")
         for endpoint in endpoints:
-            problem = _endpoint_problem(endpoint.rstrip("/"))
+            problem = _endpoint_problem(endpoint)
             if problem:
                 _fail(source, "etcd_endpoints", f"{endpoint!r}: {problem}")
         out["etcd_endpoints"] = tuple(e.rstrip("/") for e in endpoints)
