@@ -91,6 +91,16 @@ def etcd_cluster():
 
 
 @pytest.fixture
+def tls_etcd():
+    """One etcd member served over TLS (its CA, certificate and key: ``.tls``)."""
+    from etcdcluster import EtcdCluster
+
+    etcd = EtcdCluster(size=1, tls=True)
+    yield etcd
+    etcd.stop()
+
+
+@pytest.fixture
 def etcd_backends(etcd_cluster):
     """In-process etcd backends on the session's cluster, sharing one pool
     "p": etcd_backends(count, expire). Stopped after the test."""

@@ -4,6 +4,8 @@ network and a server can (close, stall, answer garbage)."""
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 from typing import Any, Callable, List, cast
 
@@ -195,6 +197,18 @@ def test_close_closes_every_connection_and_a_later_request_opens_a_new_one(etcd_
     wait_for(client.close())
     assert not client.lean.open
     assert request(client, {"success": []})["succeeded"]
+
+
+def test_close_does_not_wait_for_a_tls_endpoint_that_stopped_answering(tls_etcd):
+    files = tls_etcd.tls
+    client = EtcdClient(tls_etcd.endpoints, reactor, cacert=files.ca, cert=files.cert, key=files.key)
+    request(client, {"success": []})
+    pid = tls_etcd.members[0].proc.pid
+    os.kill(pid, signal.SIGSTOP)  # a graceful TLS close would wait for its close_notify
+    try:
+        wait_for(client.close(), timeout=3)
+    finally:
+        os.kill(pid, signal.SIGCONT)
 
 
 def test_a_new_connection_writes_nothing_to_the_log(etcd_cluster, clients):

@@ -20,13 +20,6 @@ def b64(text: str) -> str:
 
 
 @pytest.fixture
-def tls_etcd():
-    etcd = EtcdCluster(size=1, tls=True)
-    yield etcd
-    etcd.stop()
-
-
-@pytest.fixture
 def auth_etcd():
     """One member with auth enabled: root, and user "dx" (password "dx-secret")
     allowed to read and write under "authns/" only."""

@@ -13,7 +13,8 @@ end) always do.
 
 A connection carries one request at a time; a request takes an idle one
 or opens a new one (TLS too: the same creator the Agent would use). An
-answer that asks to close, a timeout and any error close it. What a
+answer that asks to close, bytes after an answer, a timeout and any error
+close it. What a
 failure means for the request is the caller's to judge, as for the Agent:
 a connection that could not be opened never carried it (the same errors);
 anything after the request was written may have been applied.
