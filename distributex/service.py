@@ -87,7 +87,13 @@ class DistributexService(MultiService):
         self.metrics = metrics
         self.endpoints = endpoints
 
+    def privilegedStartService(self) -> None:
+        # twistd listens here, and loads the backend's state only later.
+        self._reload_on_sighup()
+        super().privilegedStartService()
+
     def startService(self) -> None:
+        self._reload_on_sighup()  # twist starts without privilegedStartService
         super().startService()
         self.hub.start()
         config = self.config
@@ -101,8 +107,6 @@ class DistributexService(MultiService):
         if not config.access and not all(_loopback_only(e) for e in self.endpoints):
             log.warn("no access control: anyone who can reach {endpoints} can take and release any lock",
                      endpoints=", ".join(e for e in self.endpoints if not _loopback_only(e)))
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload))
         # What start-up made (the pools, their states, Twisted's own) lives
         # as long as the process: out of the garbage collector's scans, so
         # that a full collection in a server of 100,000 pools takes
@@ -110,6 +114,13 @@ class DistributexService(MultiService):
         if hasattr(gc, "freeze"):  # CPython; PyPy's collector needs no help
             gc.collect()
             gc.freeze()
+
+    def _reload_on_sighup(self) -> None:
+        # Before any listener starts: once the port accepts, a SIGHUP (a
+        # deploy script reloading straight after a start) must reload, not
+        # kill the server by the signal's default action.
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload))
 
     def reload(self) -> None:
         """Re-read the configuration file (SIGHUP): new pools appear, removed

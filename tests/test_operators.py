@@ -1,6 +1,7 @@
 """Contract section 5, the operators' endpoints, against real servers:
 /events/, /metrics, /health, /, /reset/, NO reasons, reload and the start-up log."""
 
+import gc
 import json
 import os
 import signal
@@ -13,6 +14,9 @@ import yaml
 from contract_helpers import assert_plain, get, holders, queued, release, wait_for, waiters
 from prometheus_client.parser import text_string_to_metric_families
 from servers import http, wait_until
+from twisted.internet.testing import MemoryReactorClock
+
+from distributex.service import SHUTDOWN_FLUSH, Options, makeService
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -325,6 +329,42 @@ def test_a_reload_adds_pools_and_changes_settings_without_losing_holds(start_ser
     assert_plain(get(server, "b", pool="pool1"), 200, b"YES")  # maxlocks is now 2
     assert_plain(get(server, "c", pool="pool3"), 200, b"YES")
     assert "new pools pool3" in server.log() and "changed pools pool1" in server.log()
+
+
+@pytest.fixture
+def sighup_default():
+    """SIGHUP's default action (terminate) for one in-process test."""
+    previous = signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    yield
+    signal.signal(signal.SIGHUP, previous)
+    gc.unfreeze()  # the service froze the test process's objects at its start
+
+
+@pytest.mark.parametrize("runner", ["twistd", "twist"])
+def test_a_sighup_reloads_from_the_moment_the_port_accepts(runner, tmp_path, monkeypatch, sighup_default):
+    # A deploy script may reload as soon as the port answers: if the
+    # handler came after the listener, that SIGHUP killed the server.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "distributex.yaml").write_text("pools:\n  - name: pool1\n")
+    options = Options()
+    options.parseOptions(["--listen", "tcp:0:interface=127.0.0.1"])
+    reactor = MemoryReactorClock()
+    handler_when_listening = []
+    listen = reactor.listenTCP
+
+    def listen_and_note_the_handler(*args, **kwargs):
+        handler_when_listening.append(signal.getsignal(signal.SIGHUP))
+        return listen(*args, **kwargs)
+
+    reactor.listenTCP = listen_and_note_the_handler
+    service = makeService(options, reactor)
+    if runner == "twistd":  # twistd listens with its privileges first, then starts
+        service.privilegedStartService()
+    service.startService()
+    service.stopService()
+    reactor.advance(SHUTDOWN_FLUSH)
+    assert len(handler_when_listening) == 1
+    assert handler_when_listening[0] not in (signal.SIG_DFL, signal.SIG_IGN, None)
 
 
 def test_a_removed_pool_refuses_new_requests_while_its_holds_and_waiters_run_out(start_server):
