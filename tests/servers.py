@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -28,7 +29,18 @@ ROOT = os.path.dirname(HERE)
 MEMCACHED = shutil.which("memcached") or "/usr/bin/memcached"
 
 
+#: How many ports a process that a test starts may try: a port free_port()
+#: found may be taken by another test's process (the other pytest-xdist
+#: worker's) before ours binds it.
+PORT_ATTEMPTS = 5
+
+
+class PortTaken(RuntimeError):
+    """The process could not listen: another process had taken its port."""
+
+
 def free_port() -> int:
+    """A port free now; it may be taken before it is used (see PortTaken)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -71,9 +83,15 @@ class Memcached:
     def __init__(self) -> None:
         if not os.path.exists(MEMCACHED):
             raise RuntimeError("memcached is not installed: apt-get install -y memcached")
-        self.port = free_port()
         self.proc: Optional[subprocess.Popen] = None
-        self.start()
+        for attempt in range(PORT_ATTEMPTS):
+            self.port = free_port()
+            try:
+                self.start()
+                return
+            except PortTaken:
+                if attempt == PORT_ATTEMPTS - 1:
+                    raise
 
     @property
     def address(self) -> str:
@@ -84,8 +102,36 @@ class Memcached:
         args = [MEMCACHED, "-l", "127.0.0.1", "-p", str(self.port), "-U", "0", "-M", "-m", "64"]
         if os.geteuid() == 0:
             args += ["-u", "root"]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for_port(self.port, self.proc)
+        with tempfile.TemporaryFile() as errors:
+            self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=errors)
+            try:
+                wait_for_port(self.port, self.proc)
+            except RuntimeError:
+                errors.seek(0)
+                said = errors.read().decode(errors="replace").strip()
+                if "Address already in use" in said:
+                    raise PortTaken(said) from None
+                raise RuntimeError(f"memcached did not start: {said}") from None
+        # What answered may be another test's process on the same port.
+        try:
+            pid = self.stats().get("pid")
+        except OSError:
+            pid = None
+        if pid != str(self.proc.pid):
+            self.kill()
+            raise PortTaken(f"another process answers on memcached's port {self.port}")
+
+    def stats(self) -> Dict[str, str]:
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
+            s.sendall(b"stats\r\n")
+            text = b""
+            while not text.endswith(b"END\r\n") and not text.endswith(b"ERROR\r\n"):
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                text += chunk
+        return {f[1]: f[2] for f in (line.split(" ", 2) for line in text.decode().splitlines())
+                if len(f) == 3 and f[0] == "STAT"}
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -137,6 +183,10 @@ class Tls:
         self.context = ssl.create_default_context(cafile=cafile)
 
 
+#: What the server logs once its listeners listen (DistributexService.startService).
+START_LINE = re.compile(r"\] distributex \S+: config .* listening on ")
+
+
 class DistributexServer:
     """A real `twistd -n distributex` on 127.0.0.1, configured from a dict;
     over HTTPS when given `tls`."""
@@ -148,19 +198,27 @@ class DistributexServer:
         self.config_path = os.path.join(self.workdir, "distributex.yaml")
         with open(self.config_path, "w") as f:
             yaml.safe_dump(config, f)
-        self.port = port or free_port()
         self.tls = tls
-        if listen is None:
-            listen = (f"tcp:{self.port}:interface=127.0.0.1" if tls is None else
-                      f"ssl:{self.port}:interface=127.0.0.1:privateKey={tls.key}:certKey={tls.cert}")
-        self.listen = listen
         self.extra_args = extra_args
         # A command the server runs under, such as faketime; set before start().
         self.prefix: Tuple[str, ...] = ()
         self.env: Optional[Dict[str, str]] = None
-        self.log_path = os.path.join(self.workdir, f"twistd-{self.port}.log")
         self.proc: Optional[subprocess.Popen] = None
-        self.start()
+        for attempt in range(PORT_ATTEMPTS):
+            self.port = port or free_port()
+            self.listen = listen or self._listen_on(self.port)
+            self.log_path = os.path.join(self.workdir, f"twistd-{self.port}.log")
+            try:
+                self.start()
+                return
+            except PortTaken:
+                if port is not None or listen is not None or attempt == PORT_ATTEMPTS - 1:
+                    raise
+
+    def _listen_on(self, port: int) -> str:
+        if self.tls is None:
+            return f"tcp:{port}:interface=127.0.0.1"
+        return f"ssl:{port}:interface=127.0.0.1:privateKey={self.tls.key}:certKey={self.tls.cert}"
 
     @property
     def url(self) -> str:
@@ -180,17 +238,31 @@ class DistributexServer:
                     context=None if self.tls is None else self.tls.context)
 
     def start(self) -> None:
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            [*self.prefix] + twistd_command() + ["-n", "--pidfile=", "distributex", "-c", self.config_path,
-                                "--listen", self.listen, *self.extra_args],
-            cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT,
-            env=None if self.env is None else dict(os.environ, **self.env),
-            # Its own process group: a prefix such as faketime forks the
-            # server, and a kill must reach the server too.
-            start_new_session=True)
-        log.close()
-        wait_for_port(self.port, self.proc)
+        """Start the server; return once it serves (its start-up line is
+        logged after its listeners listen). PortTaken if its port was not free."""
+        with open(self.log_path, "ab") as log:
+            since = log.tell()
+            self.proc = subprocess.Popen(
+                [*self.prefix] + twistd_command() + ["-n", "--pidfile=", "distributex", "-c", self.config_path,
+                                    "--listen", self.listen, *self.extra_args],
+                cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT,
+                env=None if self.env is None else dict(os.environ, **self.env),
+                # Its own process group: a prefix such as faketime forks the
+                # server, and a kill must reach the server too.
+                start_new_session=True)
+        # Not "the port answers": another test's server may answer on it.
+        wait_until(lambda: self._started(since), timeout=30, what=f"the start-up line in {self.log_path}")
+
+    def _started(self, since: int) -> bool:
+        with open(self.log_path, "rb") as f:
+            f.seek(since)
+            text = f.read().decode(errors="replace")
+        if START_LINE.search(text):
+            return True
+        if self.proc is not None and self.proc.poll() is not None:
+            kind = PortTaken if "Address already in use" in text else RuntimeError
+            raise kind(f"the server exited with {self.proc.returncode}: {text.strip()[-2000:]}")
+        return False
 
     def call(self, path: str, method: str = "GET", http_timeout: float = 30.0,
              headers: Optional[Dict[str, str]] = None, **params: Any) -> Answer:

@@ -104,17 +104,6 @@ class UnixServer(DistributexServer):
         super().__init__({"pools": [{"name": "p", "expire": LONG}]}, workdir=workdir,
                          listen=f"unix:{path}")
 
-    def start(self) -> None:
-        log = open(self.log_path, "ab")
-        from servers import twistd_command
-
-        self.proc = subprocess.Popen(
-            twistd_command() + ["-n", "--pidfile=", "distributex", "-c", self.config_path,
-                                "--listen", self.listen],
-            cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT)
-        log.close()
-        wait_until(lambda: os.path.exists(self.path), 15, "the Unix socket")
-
 
 @pytest.fixture
 def unix_server(tmp_path: Any) -> Iterator[UnixServer]:
