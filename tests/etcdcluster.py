@@ -19,7 +19,7 @@ import time
 import urllib.request
 from typing import List, Optional
 
-from servers import free_port
+from servers import PORT_ATTEMPTS, PortTaken, free_port
 
 ETCD = shutil.which("etcd") or "/usr/bin/etcd"
 
@@ -128,12 +128,24 @@ class EtcdCluster:
             self.extra_args = tuple(extra_args) + (
                 "--cert-file", self.tls.cert, "--key-file", self.tls.key, "--trusted-ca-file", self.tls.ca,
                 "--client-cert-auth")
-        self.members = [Member(f"m{i}", os.path.join(self.dir, f"m{i}"), "https" if tls else "http")
-                        for i in range(size)]
-        self.initial = ",".join(f"{m.name}={m.peer_url}" for m in self.members)
-        for member in self.members:
-            self._spawn(member, "new")
-        self.wait_healthy()
+        for attempt in range(PORT_ATTEMPTS):
+            self.members = [Member(f"m{i}", os.path.join(self.dir, f"{attempt}m{i}"), "https" if tls else "http")
+                            for i in range(size)]
+            self.initial = ",".join(f"{m.name}={m.peer_url}" for m in self.members)
+            for member in self.members:
+                self._spawn(member, "new")
+            self.wait_healthy()
+            if self._all_ours():
+                return
+            self._kill_all()
+        raise PortTaken(f"etcd members could not listen on their ports {PORT_ATTEMPTS} times; logs in {self.dir}")
+
+    def _all_ours(self) -> bool:
+        """Every member runs, and what answers on their ports is one cluster:
+        a member whose port another test's etcd took exits, and that other
+        etcd answers in its place."""
+        clusters = {(self.status(m) or {}).get("header", {}).get("cluster_id") for m in self.members}
+        return all(m.running for m in self.members) and len(clusters) == 1 and None not in clusters
 
     @property
     def endpoints(self) -> List[str]:
@@ -214,9 +226,12 @@ class EtcdCluster:
             self._spawn(member, "existing")
 
     def stop(self) -> None:
+        self._kill_all()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def _kill_all(self) -> None:
         for member in self.members:
             if member.proc is not None and member.proc.poll() is None:
                 member.proc.send_signal(signal.SIGCONT)
                 member.proc.kill()
                 member.proc.wait()
-        shutil.rmtree(self.dir, ignore_errors=True)
