@@ -188,6 +188,7 @@ def test_the_queue_limit_counts_waiters_of_every_server(cluster):
     a, b = cluster(pools=[{"name": "p", "expire": 30, "max_waiters": 2}])
     a.call("get", pool="p", host="holder")
     w1 = Waiter(a, "w1")
+    queued(a, 1)  # w1 first: two requests started together may reach etcd in either order
     w2 = Waiter(b, "w2")
     queued(a, 2)
     answer = b.call("wait", pool="p", host="w3", timeout="5")
