@@ -331,6 +331,7 @@ def test_a_waiter_whose_socket_closes_leaves_the_queue_at_once(start_server, bac
     server = start_server(POOL1, backend=backend)
     get(server, "a")
     ghost = wait_for(server, host="ghost")
+    queued(server, ["ghost"])
     live = wait_for(server, host="live")
     queued(server, ["ghost", "live"])
     ghost.hang_up()

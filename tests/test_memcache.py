@@ -288,7 +288,8 @@ def test_waiters_of_two_pools_on_one_server_stay_in_their_own_queues(start_serve
         assert server.call("get", pool=pool, host="holder").body == b"YES"
     first = Waiter(server, "w1", "pool1")
     second = Waiter(server, "w2", "pool2")
-    wait_until(lambda: [w["host"] for w in server.status("pool2")["waiters"]] == ["w2"], timeout=10)
+    wait_until(lambda: [w["host"] for pool in ("pool1", "pool2") for w in server.status(pool)["waiters"]]
+               == ["w1", "w2"], timeout=10)
     time.sleep(0.5)  # ten polls
     assert [w["host"] for w in server.status("pool1")["waiters"]] == ["w1"]
     assert [w["host"] for w in server.status("pool2")["waiters"]] == ["w2"]
