@@ -41,12 +41,14 @@ def test_a_hold_survives_kill_9_with_its_token_and_lease(start_server):
 
 
 def test_a_renewal_survives_kill_9(start_server):
-    server = start_server([{"name": "pool1", "expire": 4}])
+    server = start_server([{"name": "pool1", "expire": 8}])
     get(server, "web1")
-    time.sleep(2)
-    get(server, "web1")  # renewed: 4 s from now, not from the grant
+    granted = time.monotonic()  # the lease of the grant ends before granted + 8
+    time.sleep(4)
+    get(server, "web1")  # renewed: 8 s from now (at least granted + 12), not from the grant
     restart_killed(server)
-    time.sleep(2.5)
+    # Past the grant's lease; 3 s before the renewal's, a margin for a slow restart.
+    time.sleep(max(0.0, granted + 9 - time.monotonic()))
     assert holders(server) == ["web1"]
 
 
