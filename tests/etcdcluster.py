@@ -134,9 +134,14 @@ class EtcdCluster:
             self.initial = ",".join(f"{m.name}={m.peer_url}" for m in self.members)
             for member in self.members:
                 self._spawn(member, "new")
-            self.wait_healthy()
-            if self._all_ours():
-                return
+            try:
+                self.wait_healthy()
+            except RuntimeError:
+                if all(m.running for m in self.members):
+                    raise
+            else:
+                if self._all_ours():
+                    return
             self._kill_all()
         raise PortTaken(f"etcd members could not listen on their ports {PORT_ATTEMPTS} times; logs in {self.dir}")
 
