@@ -12,7 +12,7 @@ import urllib.error
 
 import pytest
 from contract_helpers import assert_plain, get, holders, release
-from servers import http, twistd_command
+from servers import twistd_command
 
 pytestmark = pytest.mark.timeout(120)
 
