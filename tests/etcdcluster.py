@@ -19,7 +19,7 @@ import time
 import urllib.request
 from typing import List, Optional
 
-from servers import PORT_ATTEMPTS, PortTaken, free_port
+from servers import PortTaken, free_port, on_a_free_port
 
 ETCD = shutil.which("etcd") or "/usr/bin/etcd"
 
@@ -128,22 +128,27 @@ class EtcdCluster:
             self.extra_args = tuple(extra_args) + (
                 "--cert-file", self.tls.cert, "--key-file", self.tls.key, "--trusted-ca-file", self.tls.ca,
                 "--client-cert-auth")
-        for attempt in range(PORT_ATTEMPTS):
-            self.members = [Member(f"m{i}", os.path.join(self.dir, f"{attempt}m{i}"), "https" if tls else "http")
-                            for i in range(size)]
-            self.initial = ",".join(f"{m.name}={m.peer_url}" for m in self.members)
-            for member in self.members:
-                self._spawn(member, "new")
-            try:
-                self.wait_healthy()
-            except RuntimeError:
-                if all(m.running for m in self.members):
-                    raise
-            else:
-                if self._all_ours():
-                    return
+        self.size = size
+        self.scheme = "https" if tls else "http"
+        self.attempts = 0
+        on_a_free_port(self._start_members)
+
+    def _start_members(self) -> None:
+        """A new cluster on new ports; PortTaken if a member could not listen."""
+        self.attempts += 1
+        self.members = [Member(f"m{i}", os.path.join(self.dir, f"{self.attempts}m{i}"), self.scheme)
+                        for i in range(self.size)]
+        self.initial = ",".join(f"{m.name}={m.peer_url}" for m in self.members)
+        for member in self.members:
+            self._spawn(member, "new")
+        try:
+            self.wait_healthy()
+        except RuntimeError:
+            if all(m.running for m in self.members):
+                raise
+        if not self._all_ours():
             self._kill_all()
-        raise PortTaken(f"etcd members could not listen on their ports {PORT_ATTEMPTS} times; logs in {self.dir}")
+            raise PortTaken(f"an etcd member could not listen on its ports; logs in {self.dir}")
 
     def _all_ours(self) -> bool:
         """Every member runs, and what answers on their ports is one cluster:

@@ -23,6 +23,7 @@ import urllib.request
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import yaml
+from pymemcache.client.base import Client as MemcacheClient
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -37,6 +38,18 @@ PORT_ATTEMPTS = 5
 
 class PortTaken(RuntimeError):
     """The process could not listen: another process had taken its port."""
+
+
+def on_a_free_port(start: Callable[[], None], attempts: int = PORT_ATTEMPTS) -> None:
+    """Call ``start`` (which picks a port and starts on it) until it does
+    not raise PortTaken, ``attempts`` times at most."""
+    for attempt in range(attempts):
+        try:
+            start()
+            return
+        except PortTaken:
+            if attempt == attempts - 1:
+                raise
 
 
 def free_port() -> int:
@@ -84,14 +97,12 @@ class Memcached:
         if not os.path.exists(MEMCACHED):
             raise RuntimeError("memcached is not installed: apt-get install -y memcached")
         self.proc: Optional[subprocess.Popen] = None
-        for attempt in range(PORT_ATTEMPTS):
-            self.port = free_port()
-            try:
-                self.start()
-                return
-            except PortTaken:
-                if attempt == PORT_ATTEMPTS - 1:
-                    raise
+        self.port = 0
+        on_a_free_port(self._start_on_a_new_port)
+
+    def _start_on_a_new_port(self) -> None:
+        self.port = free_port()
+        self.start()
 
     @property
     def address(self) -> str:
@@ -113,25 +124,16 @@ class Memcached:
                     raise PortTaken(said) from None
                 raise RuntimeError(f"memcached did not start: {said}") from None
         # What answered may be another test's process on the same port.
+        client = MemcacheClient(("127.0.0.1", self.port), connect_timeout=5, timeout=5)
         try:
-            pid = self.stats().get("pid")
-        except OSError:
+            pid = client.stats().get(b"pid")
+        except Exception:  # not memcached at all, or silent
             pid = None
-        if pid != str(self.proc.pid):
+        finally:
+            client.close()
+        if pid != self.proc.pid:
             self.kill()
             raise PortTaken(f"another process answers on memcached's port {self.port}")
-
-    def stats(self) -> Dict[str, str]:
-        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
-            s.sendall(b"stats\r\n")
-            text = b""
-            while not text.endswith(b"END\r\n") and not text.endswith(b"ERROR\r\n"):
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                text += chunk
-        return {f[1]: f[2] for f in (line.split(" ", 2) for line in text.decode().splitlines())
-                if len(f) == 3 and f[0] == "STAT"}
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -204,16 +206,15 @@ class DistributexServer:
         self.prefix: Tuple[str, ...] = ()
         self.env: Optional[Dict[str, str]] = None
         self.proc: Optional[subprocess.Popen] = None
-        for attempt in range(PORT_ATTEMPTS):
+
+        def start_on_a_port() -> None:
             self.port = port or free_port()
             self.listen = listen or self._listen_on(self.port)
             self.log_path = os.path.join(self.workdir, f"twistd-{self.port}.log")
-            try:
-                self.start()
-                return
-            except PortTaken:
-                if port is not None or listen is not None or attempt == PORT_ATTEMPTS - 1:
-                    raise
+            self.start()
+
+        # A port or endpoint the test chose is tried once.
+        on_a_free_port(start_on_a_port, attempts=1 if port or listen else PORT_ATTEMPTS)
 
     def _listen_on(self, port: int) -> str:
         if self.tls is None:
